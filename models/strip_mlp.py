@@ -1,0 +1,429 @@
+"""Strip-MLP: Efficient Token Interaction for Vision MLP (Cao et al., ICCV 2023).
+
+The network of `shared/spec/ARCHITECTURE.md`, built bottom-up: small layers, the strip mixing
+block with its CGSMM (cross-strip) and LSMM (local strip) branches, token and channel mixing, the
+block, the network, weight loading, then the four released variants.
+
+Parameter and buffer names are the release's, so its checkpoints load with `strict=True`. The
+release's model defects are fixed here: drop path follows the configuration (rate and schedule),
+channels_last inputs work, relative-position indices are built once on the model's device, the
+GRN is sized alpha x D, and the model runs on CPU as well as CUDA.
+"""
+
+import contextlib
+from collections.abc import Mapping
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+DROP_PATH_SCHEDULES = ("uniform", "linear")
+
+
+def strip_chunks(channels: int) -> int:
+    """Number of chunks P that the CGSMM splits its D/2 channels into (the release's rule)."""
+    return 2 if channels % 80 == 0 else 4
+
+
+class NormActConv(nn.Module):
+    """BatchNorm, GELU, then a bias-free depthwise 3x3 convolution (the release's BN_Activ_Conv)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.BN = nn.BatchNorm2d(channels)
+        self.act = nn.GELU()
+        self.Conv = nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.Conv(self.act(self.BN(x)))
+
+
+class DepthwiseConv(nn.Module):
+    """Wrapper that keeps the release's `dwsc.conv_merge` parameter path."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv_merge = NormActConv(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_merge(x)
+
+
+class RelativePosition(nn.Module):
+    """Learned relative-position term pos[c, i, j] = table[(j - i) + L, c] for an L x L grid.
+
+    The index is a non-persistent buffer: it is built once on the model's device, follows
+    `.to()`, and stays out of the state dict, whose keys remain the release's.
+    """
+
+    def __init__(self, channels: int, length: int) -> None:
+        super().__init__()
+        self.embeddings_table = nn.Parameter(torch.empty(2 * length + 1, channels))
+        trunc_normal_(self.embeddings_table, std=0.02)
+        positions = torch.arange(length)
+        self.register_buffer("index", positions[None, :] - positions[:, None] + length, persistent=False)
+
+    def forward(self) -> torch.Tensor:
+        return self.embeddings_table[self.index].permute(2, 0, 1)  # (L, L, C) -> (C, L, L)
+
+
+class StripMixingBlock(nn.Module):
+    """The strip mixing block (`smlp_block`): a 1x1 conv MLP, then half of the channels through
+    the CGSMM branch and half through the LSMM branch, fused by a 1x1 convolution.
+
+    Both branches keep their parameters directly on this module because the release's
+    checkpoints name them so (`smlp_block.proj_h`, `smlp_block.fc_h`, ...).
+    """
+
+    def __init__(self, channels: int, resolution: int) -> None:
+        super().__init__()
+        half = channels // 2
+        self.resolution = resolution
+        self.chunk_channels = half // strip_chunks(channels)  # G in the specification
+        strip_features = self.chunk_channels * resolution
+
+        # Registration order follows the release so that state dicts list names in its order.
+        # CGSMM: grouped convolutions mixing whole rows (proj_h) and columns (proj_w).
+        self.BN = nn.BatchNorm2d(half)
+        self.act = nn.GELU()
+        self.proj_h = nn.Conv2d(strip_features, strip_features, (1, 3), padding=(0, 1), groups=self.chunk_channels)
+        self.proj_w = nn.Conv2d(strip_features, strip_features, (1, 3), padding=(0, 1), groups=self.chunk_channels)
+        self.fuse_h = nn.Conv2d(channels, half, 1, bias=False)
+        self.fuse_w = nn.Conv2d(channels, half, 1, bias=False)
+
+        self.mlp = nn.Sequential(nn.Conv2d(channels, channels, 1), nn.BatchNorm2d(channels), nn.GELU())
+
+        # LSMM: local strips of 7x3 and 3x7, reweighted per channel by a squeeze-excite style MLP.
+        self.fc_h = nn.Conv2d(half, half, (3, 7), padding=(1, 3), groups=half, bias=False)
+        self.fc_w = nn.Conv2d(half, half, (7, 3), padding=(3, 1), groups=half, bias=False)
+        self.reweight = Mlp(half, half // 2, half * 3, use_conv=True)
+
+        self.fuse = nn.Conv2d(channels, channels, 1, bias=False)
+        self.relate_pos_h = RelativePosition(half, resolution)
+        self.relate_pos_w = RelativePosition(half, resolution)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.mlp(x)
+        x_cgsmm, x_lsmm = x.chunk(2, dim=1)  # 2 x (N, D/2, H, W)
+        return self.fuse(torch.cat([self.cgsmm(x_cgsmm), self.lsmm(x_lsmm)], dim=1))
+
+    def cgsmm(self, x: torch.Tensor) -> torch.Tensor:
+        """Channel-wise group strip mixing: every token mixes with its whole row, then its whole
+        column, with the neighbouring rows (columns) contributing through 3-tap kernels."""
+        n, c, h, w = x.shape
+        g = self.chunk_channels
+        p = c // g
+        rows = x + self.relate_pos_h()
+        rows = rows.reshape(n, p, g, h, w).permute(0, 2, 4, 1, 3).reshape(n, g * w, p, h)  # (N, G*W, P, H)
+        rows = self.proj_h(rows)
+        rows = rows.reshape(n, g, w, p, h).permute(0, 3, 1, 4, 2).reshape(n, c, h, w)  # (N, C, H, W)
+
+        cols = self.fuse_h(torch.cat([rows, x], dim=1))
+        cols = self.act(self.BN(cols)) + self.relate_pos_w()
+        cols = cols.reshape(n, p, g, h, w).permute(0, 2, 3, 1, 4).reshape(n, g * h, p, w)  # (N, G*H, P, W)
+        cols = self.proj_w(cols)
+        cols = cols.reshape(n, g, h, p, w).permute(0, 3, 1, 2, 4).reshape(n, c, h, w)  # (N, C, H, W)
+        return self.fuse_w(torch.cat([x, cols], dim=1))
+
+    def lsmm(self, x: torch.Tensor) -> torch.Tensor:
+        """Local strip mixing: a 7x3 and a 3x7 depthwise strip, and the identity, blended with
+        per-channel softmax weights computed from their pooled sum."""
+        n, c = x.shape[:2]
+        tall = self.fc_w(x)  # 7 high, 3 wide
+        wide = self.fc_h(x)  # 3 high, 7 wide
+        pooled = (tall + wide + x).mean(dim=(2, 3), keepdim=True)  # (N, C, 1, 1)
+        weights = self.reweight(pooled).reshape(n, c, 3).softmax(dim=2)  # (N, C, 3)
+        weights = weights[..., None, None]  # (N, C, 3, 1, 1)
+        return tall * weights[:, :, 0] + wide * weights[:, :, 1] + x * weights[:, :, 2]
+
+
+class TokenMixing(nn.Module):
+    """Depthwise 3x3 convolution followed by the strip mixing block."""
+
+    def __init__(self, channels: int, resolution: int) -> None:
+        super().__init__()
+        self.smlp_block = StripMixingBlock(channels, resolution)
+        self.dwsc = DepthwiseConv(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.smlp_block(self.dwsc(x))
+
+
+class GRN(nn.Module):
+    """Global response normalisation (ConvNeXt V2) over channels-last input (N, H, W, K)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.zeros(1, 1, 1, channels))
+        self.beta = nn.Parameter(torch.zeros(1, 1, 1, channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spatial_norm = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)  # (N, 1, 1, K)
+        relative = spatial_norm / (spatial_norm.mean(dim=-1, keepdim=True) + 1e-6)
+        return self.gamma * (x * relative) + self.beta + x
+
+
+class ChannelMixing(nn.Module):
+    """Depthwise 7x7 convolution, LayerNorm, then an alpha-times-wide MLP with GRN."""
+
+    def __init__(self, channels: int, alpha: int) -> None:
+        super().__init__()
+        self.conv_77 = nn.Conv2d(channels, channels, 7, padding=3, groups=channels, bias=False)
+        self.layer_norm = nn.LayerNorm(channels)
+        self.fc1 = nn.Linear(channels, alpha * channels)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(alpha * channels, channels)
+        self.grn = GRN(alpha * channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_77(x).permute(0, 2, 3, 1)  # (N, H, W, D)
+        x = self.fc2(self.grn(self.act(self.fc1(self.layer_norm(x)))))
+        return x.permute(0, 3, 1, 2)  # (N, D, H, W)
+
+
+class BasicBlock(nn.Module):
+    """u = u + DropPath(TokenMixing(u)); u = u + DropPath(ChannelMixing(u))."""
+
+    def __init__(self, channels: int, resolution: int, alpha: int, drop_path: float) -> None:
+        super().__init__()
+        self.token_mixing = TokenMixing(channels, resolution)
+        self.channel_mixing = ChannelMixing(channels, alpha)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.token_mixing(x))
+        return x + self.drop_path(self.channel_mixing(x))
+
+
+class _FreezeBatchNormStats:
+    """Context for the recomputation of a checkpointed block: BatchNorm layers already updated
+    their running statistics in the first forward, so the recomputation must leave them alone."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def __enter__(self) -> None:
+        self.saved = [(m.momentum, m.num_batches_tracked.clone()) for m in self.norms]
+        for m in self.norms:
+            m.momentum = 0.0
+
+    def __exit__(self, *exc) -> None:
+        for m, (momentum, tracked) in zip(self.norms, self.saved, strict=True):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(tracked)
+
+
+def _checkpointed(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Run a block under activation checkpointing, with BatchNorm statistics updated once."""
+    return checkpoint(
+        block, x, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), _FreezeBatchNormStats(block)))
+
+
+class StripMLPNet(nn.Module):
+    """Strip-MLP: four stages of BasicBlocks with convolutional patch merging and cross-stage skips.
+
+    Args:
+        img_size: Square input size the model is built for; must be divisible by 32 because the
+            strip projections and position tables are sized for each stage's resolution.
+        patch_size: Stem convolution kernel and stride.
+        in_chans: Input image channels.
+        num_classes: Classifier outputs.
+        embed_dim: Channels E of stage 1; stages have E, 2E, 4E, 8E.
+        layers: Blocks per stage.
+        alpha: Expansion ratio of the ChannelMixing MLP (the release's checkpoints need 3).
+        drop_path_rate: Stochastic-depth rate.
+        drop_path_schedule: "uniform" gives every block `drop_path_rate` (the release's behaviour);
+            "linear" rises from 0 to `drop_path_rate` over depth (timm and Swin).
+        use_checkpoint: Recompute each block in the backward pass to save activation memory.
+    """
+
+    def __init__(
+            self,
+            img_size: int = 224,
+            patch_size: int = 4,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            embed_dim: int = 80,
+            layers: tuple[int, ...] = (2, 2, 12, 2),
+            alpha: int = 3,
+            drop_path_rate: float = 0.1,
+            drop_path_schedule: str = "uniform",
+            use_checkpoint: bool = False,
+    ) -> None:
+        super().__init__()
+        if img_size % 32 != 0:
+            raise ValueError(f"image size {img_size} is not divisible by 32; use e.g. {max(32, img_size // 32 * 32)}")
+        if patch_size != 4:
+            raise ValueError(f"patch_size {patch_size} is not supported; the network downsamples by 4 x 8 = 32")
+        if len(layers) != 4:
+            raise ValueError(f"layers must give 4 stage depths, got {tuple(layers)}")
+        for channels in (embed_dim, 2 * embed_dim, 4 * embed_dim, 8 * embed_dim):
+            if channels % (2 * strip_chunks(channels)) != 0:
+                raise ValueError(
+                    f"embed_dim {embed_dim} cannot be split by the strip mixing: stage width {channels} must be "
+                    f"divisible by {2 * strip_chunks(channels)}; use a multiple of 8 such as {embed_dim // 8 * 8 or 8}")
+        if drop_path_schedule not in DROP_PATH_SCHEDULES:
+            raise ValueError(
+                f"unknown drop path schedule {drop_path_schedule!r}; valid: {', '.join(DROP_PATH_SCHEDULES)}")
+
+        self.img_size = img_size
+        self.num_classes = num_classes
+        self.num_features = 8 * embed_dim
+        self.grad_checkpointing = use_checkpoint
+        resolution = img_size // patch_size
+        total = sum(layers)
+        if drop_path_schedule == "linear":
+            rates = torch.linspace(0, drop_path_rate, total).tolist()
+        else:
+            rates = [drop_path_rate] * total
+
+        self.patch_embed = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size, bias=False)
+        stages = []
+        for i, depth in enumerate(layers):
+            start = sum(layers[:i])
+            stages.append(nn.ModuleList(
+                BasicBlock(embed_dim * 2 ** i, resolution // 2 ** i, alpha, rates[start + j]) for j in range(depth)))
+        self.blocks1, self.blocks2, self.blocks3, self.blocks4 = stages
+
+        self.merging1 = nn.Conv2d(embed_dim, embed_dim * 2, 2, 2, bias=False)
+        self.merging2 = nn.Conv2d(embed_dim * 2, embed_dim * 4, 2, 2, bias=False)
+        self.merging3 = nn.Conv2d(embed_dim * 4, embed_dim * 8, 2, 2, bias=False)
+        self.conv_s1_28 = nn.Conv2d(embed_dim * 2, embed_dim * 4, 2, 2, groups=embed_dim * 2, bias=False)
+        self.conv_s1_14 = nn.Conv2d(embed_dim * 4, embed_dim * 8, 2, 2, groups=embed_dim * 4, bias=False)
+        self.conv_s2_14 = nn.Conv2d(embed_dim * 4, embed_dim * 8, 2, 2, groups=embed_dim * 4, bias=False)
+
+        self.head = nn.Linear(self.num_features, num_classes)
+        self.norm = nn.BatchNorm2d(self.num_features)
+
+    @torch.jit.ignore
+    def no_weight_decay_keywords(self) -> set[str]:
+        return {"embeddings_table"}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes)
+
+    def _run_stage(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+        for block in blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = _checkpointed(block, x)
+            else:
+                x = block(x)
+        return x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Stages 1-4 with their skips; returns the normalised (N, 8E, S/32, S/32) feature map."""
+        if x.shape[-2:] != (self.img_size, self.img_size):
+            raise ValueError(
+                f"input of size {tuple(x.shape[-2:])} but the model was built for {self.img_size}x{self.img_size}; "
+                f"resize the input or build the model with img_size={x.shape[-1]}")
+        x = self._run_stage(self.blocks1, self.patch_embed(x))
+        x = self.merging1(x)
+        skip_s1a = self.conv_s1_28(x)
+        skip_s1b = self.conv_s1_14(skip_s1a)
+        x = self.merging2(self._run_stage(self.blocks2, x))
+        skip_s2 = self.conv_s2_14(x)
+        x = self.merging3(self._run_stage(self.blocks3, x + skip_s1a))
+        x = self._run_stage(self.blocks4, x + skip_s1b + skip_s2)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x.mean(dim=(2, 3))  # (N, 8E)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: StripMLPNet) -> dict[str, torch.Tensor]:
+    """Turn a release (or our own) checkpoint into a state dict for `model`.
+
+    Accepts a bare state dict or one wrapped under `model` / `state_dict`, strips the prefixes
+    that DistributedDataParallel (`module.`) and torch.compile (`_orig_mod.`) add, and checks
+    names and shapes, raising one error that lists every mismatch so a checkpoint of another
+    variant, input size or class count is recognised at once.
+    """
+    for wrapper in ("model", "state_dict"):
+        if wrapper in state_dict and isinstance(state_dict[wrapper], Mapping):
+            state_dict = state_dict[wrapper]
+    cleaned = {}
+    for name, tensor in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            name = name.removeprefix(prefix)
+        cleaned[name] = tensor
+
+    expected = model.state_dict()
+    problems = [f"missing {name} {tuple(t.shape)}" for name, t in expected.items() if name not in cleaned]
+    problems += [f"unexpected {name} {tuple(t.shape)}" for name, t in cleaned.items() if name not in expected]
+    problems += [
+        f"{name}: checkpoint {tuple(t.shape)} vs model {tuple(expected[name].shape)}"
+        for name, t in cleaned.items() if name in expected and t.shape != expected[name].shape]
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; ... {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise ValueError(
+            f"checkpoint does not fit this model ({len(problems)} mismatches: {shown}); check the variant "
+            f"(MODEL.STRIP_MLP), DATA.IMG_SIZE and MODEL.NUM_CLASSES it was trained with")
+    return cleaned
+
+
+def _create_strip_mlp(variant: str, pretrained: bool = False, **kwargs) -> StripMLPNet:
+    return build_model_with_cfg(StripMLPNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+
+
+def _cfg(**kwargs) -> dict:
+    return {
+        "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.875,
+        "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed", "classifier": "head", "license": "mit",
+        "paper_ids": "arXiv:2307.11458", "paper_name": "Strip-MLP: Efficient Token Interaction for Vision MLP",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    "strip_mlp_tiny_light": _cfg(),
+    "strip_mlp_tiny": _cfg(),
+    "strip_mlp_small": _cfg(),
+    "strip_mlp_base": _cfg(),
+})
+
+VARIANTS = {
+    "strip_mlp_tiny_light": {"embed_dim": 80, "layers": (2, 2, 6, 2)},
+    "strip_mlp_tiny": {"embed_dim": 80, "layers": (2, 2, 12, 2)},
+    "strip_mlp_small": {"embed_dim": 96, "layers": (2, 2, 18, 2)},
+    "strip_mlp_base": {"embed_dim": 112, "layers": (2, 2, 18, 2)},
+}
+
+
+@register_model
+def strip_mlp_tiny_light(pretrained: bool = False, **kwargs) -> StripMLPNet:
+    """Strip-MLP-T* (light tiny): 18.2 M parameters, 2.52 GMACs at 224."""
+    return _create_strip_mlp("strip_mlp_tiny_light", pretrained, **{**VARIANTS["strip_mlp_tiny_light"], **kwargs})
+
+
+@register_model
+def strip_mlp_tiny(pretrained: bool = False, **kwargs) -> StripMLPNet:
+    """Strip-MLP-T: 24.9 M parameters, 3.65 GMACs at 224."""
+    return _create_strip_mlp("strip_mlp_tiny", pretrained, **{**VARIANTS["strip_mlp_tiny"], **kwargs})
+
+
+@register_model
+def strip_mlp_small(pretrained: bool = False, **kwargs) -> StripMLPNet:
+    """Strip-MLP-S: 42.6 M parameters, 6.80 GMACs at 224."""
+    return _create_strip_mlp("strip_mlp_small", pretrained, **{**VARIANTS["strip_mlp_small"], **kwargs})
+
+
+@register_model
+def strip_mlp_base(pretrained: bool = False, **kwargs) -> StripMLPNet:
+    """Strip-MLP-B: 57.2 M parameters, 9.18 GMACs at 224."""
+    return _create_strip_mlp("strip_mlp_base", pretrained, **{**VARIANTS["strip_mlp_base"], **kwargs})

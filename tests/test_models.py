@@ -1,0 +1,233 @@
+"""The Strip-MLP network against the release: golden outputs, names, sizes, and the fixed defects."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from yacs.config import CfgNode
+
+import models
+from models.strip_mlp import StripMLPNet, checkpoint_filter_fn
+
+SPEC = Path(__file__).resolve().parents[2] / "shared" / "spec"
+GOLDEN = SPEC / "golden_strip_mlp_e40.pt"
+NAMES = SPEC / "official_state_dict_e40.txt"
+
+# name: (parameters, MACs in G) at 224 x 224 with 1000 classes, as measured on the release.
+RELEASE_SIZES = {
+    "strip_mlp_tiny_light": (18_243_920, 2.52),
+    "strip_mlp_tiny": (24_903_920, 3.65),
+    "strip_mlp_small": (42_568_600, 6.80),
+    "strip_mlp_base": (57_216_480, 9.18),
+}
+
+
+def tiny_model(**kwargs) -> StripMLPNet:
+    """A small model built like the golden one: 4 chunks at 40 channels, 2 chunks at 80 and above."""
+    return StripMLPNet(**{"img_size": 64, "num_classes": 10, "embed_dim": 40, "layers": (1, 1, 2, 1), **kwargs})
+
+
+@pytest.fixture(scope="module")
+def golden() -> dict:
+    if not GOLDEN.exists():
+        pytest.skip(f"golden file not found at {GOLDEN}")
+    return torch.load(GOLDEN, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def golden_model(golden: dict) -> StripMLPNet:
+    config = golden["config"]
+    model = StripMLPNet(
+        img_size=config["img_size"], patch_size=config["patch_size"], in_chans=config["in_chans"],
+        num_classes=config["num_classes"], embed_dim=config["embed_dim"], layers=tuple(config["layers"]),
+        alpha=config["alpha"])
+    model.load_state_dict(golden["state_dict"], strict=True)
+    return model.eval()
+
+
+def assert_close_to_golden(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    limit = 1e-4 * expected.abs().max().item()
+    error = (actual - expected).abs().max().item()
+    assert error <= limit, f"max |diff| {error:.3g} exceeds {limit:.3g}"
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_golden_logits_and_features(golden: dict, golden_model: StripMLPNet, memory_format) -> None:
+    images = golden["input"].contiguous(memory_format=memory_format)
+    with torch.no_grad():
+        features = golden_model.forward_head(golden_model.forward_features(images), pre_logits=True)
+        logits = golden_model(images)
+    assert_close_to_golden(logits, golden["logits"])
+    assert_close_to_golden(features, golden["pooled_features"])
+
+
+def test_golden_with_channels_last_model(golden: dict, golden_model: StripMLPNet) -> None:
+    model = copy.deepcopy(golden_model).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        logits = model(golden["input"].contiguous(memory_format=torch.channels_last))
+    assert_close_to_golden(logits, golden["logits"])
+
+
+def test_state_dict_names_and_shapes_match_release_line_by_line(golden_model: StripMLPNet) -> None:
+    expected = [line.rstrip("\n") for line in NAMES.read_text().splitlines() if not line.startswith("#")]
+    actual = [f"{name}\t{tuple(t.shape)}" for name, t in golden_model.state_dict().items()]
+    assert actual == expected
+
+
+@pytest.mark.parametrize("name", sorted(RELEASE_SIZES))
+def test_release_parameter_counts_and_macs(name: str) -> None:
+    params, gmacs = RELEASE_SIZES[name]
+    model = timm.create_model(name).eval()
+    assert sum(p.numel() for p in model.parameters()) == params
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randn(1, 3, 224, 224))
+    assert round(counter.get_total_flops() / 2 / 1e9, 2) == gmacs
+
+
+def test_timm_registration_and_pretrained_config() -> None:
+    model = timm.create_model("strip_mlp_tiny_light", num_classes=7, img_size=96, drop_path_rate=0.2)
+    assert isinstance(model, StripMLPNet)
+    assert model.head.out_features == 7 and model.img_size == 96
+    assert {b.drop_path.drop_prob for b in model.blocks3} == {0.2}
+    cfg = model.pretrained_cfg
+    assert cfg["input_size"] == (3, 224, 224) and cfg["interpolation"] == "bicubic"
+    assert cfg["crop_pct"] == 0.875 and cfg["mean"] == (0.485, 0.456, 0.406) and cfg["std"] == (0.229, 0.224, 0.225)
+    assert set(RELEASE_SIZES) <= set(timm.list_models("strip_mlp*"))
+
+
+def test_build_model_maps_config_keys() -> None:
+    config = CfgNode({
+        "DATA": {"IMG_SIZE": 64},
+        "MODEL": {"TYPE": "strip_mlp", "NUM_CLASSES": 5, "DROP_PATH_RATE": 0.3, "DROP_PATH_SCHEDULE": "linear",
+                  "STRIP_MLP": {"PATCH_SIZE": 4, "IN_CHANS": 3, "EMBED_DIM": 16, "LAYERS": [1, 1, 2, 1], "ALPHA": 2}},
+        "TRAIN": {"USE_CHECKPOINT": True},
+    })
+    model = models.build_model(config)
+    assert model.img_size == 64 and model.head.out_features == 5 and model.grad_checkpointing
+    assert model.blocks1[0].channel_mixing.fc1.out_features == 32
+    assert model.blocks4[0].drop_path.drop_prob == pytest.approx(0.3)
+    config.defrost()
+    config.MODEL.TYPE = "swin"
+    with pytest.raises(ValueError, match="unknown MODEL.TYPE 'swin'; valid: strip_mlp"):
+        models.build_model(config)
+
+
+def test_gradients_reach_every_parameter() -> None:
+    model = tiny_model().train()
+    model(torch.randn(2, 3, 64, 64)).logsumexp(dim=1).sum().backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert missing == []
+
+
+def test_drop_path_rate_zero_is_deterministic_and_positive_rate_is_not() -> None:
+    images = torch.randn(4, 3, 64, 64)
+    still = tiny_model(drop_path_rate=0.0).train()
+    assert torch.equal(still(images), still(images))
+    dropping = tiny_model(drop_path_rate=0.5).train()
+    assert not torch.allclose(dropping(images), dropping(images))
+
+
+@pytest.mark.parametrize(("schedule", "expected"), [
+    ("uniform", [0.3] * 5),
+    ("linear", [0.0, 0.075, 0.15, 0.225, 0.3]),
+])
+def test_drop_path_schedule(schedule: str, expected: list[float]) -> None:
+    model = tiny_model(drop_path_rate=0.3, drop_path_schedule=schedule)
+    blocks = [*model.blocks1, *model.blocks2, *model.blocks3, *model.blocks4]
+    rates = [getattr(b.drop_path, "drop_prob", 0.0) for b in blocks]
+    assert rates == pytest.approx(expected)
+
+
+def test_release_default_drop_path_is_uniform_point_one() -> None:
+    model = timm.create_model("strip_mlp_tiny_light")
+    blocks = [*model.blocks1, *model.blocks2, *model.blocks3, *model.blocks4]
+    assert {b.drop_path.drop_prob for b in blocks} == {0.1}
+
+
+def test_activation_checkpointing_gives_same_loss_grads_and_statistics() -> None:
+    torch.manual_seed(0)
+    plain = tiny_model(drop_path_rate=0.2).train()
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.set_grad_checkpointing(True)
+    images, target = torch.randn(3, 3, 64, 64), torch.tensor([1, 2, 3])
+
+    losses = []
+    for model in (plain, checkpointed):
+        torch.manual_seed(1)
+        loss = torch.nn.functional.cross_entropy(model(images), target)
+        loss.backward()
+        losses.append(loss)
+    assert torch.allclose(losses[0], losses[1], rtol=0, atol=1e-6)
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6), name
+    for (name, a), b in zip(plain.named_buffers(), checkpointed.buffers(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_alpha_other_than_three() -> None:
+    model = tiny_model(alpha=2).train()
+    grn = model.blocks2[0].channel_mixing.grn
+    assert grn.gamma.shape == (1, 1, 1, 160)
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 10)
+
+
+def test_relative_position_index_is_a_non_persistent_device_buffer() -> None:
+    model = tiny_model()
+    assert not any(name.endswith(".index") for name in model.state_dict())
+    index_buffers = [b for name, b in model.named_buffers() if name.endswith("relate_pos_h.index")]
+    assert len(index_buffers) == 5 and index_buffers[0].shape == (16, 16)
+    # pos[c, i, j] = T[(j - i) + H, c]: the entry for row 2, column 5 reads table row 3 + 16.
+    position = model.blocks1[0].token_mixing.smlp_block.relate_pos_h
+    assert torch.equal(position()[:, 2, 5], position.embeddings_table[19])
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"img_size": 100}, "image size 100 is not divisible by 32"),
+    ({"embed_dim": 36}, "embed_dim 36 cannot be split by the strip mixing"),
+    ({"drop_path_schedule": "cosine"}, "unknown drop path schedule 'cosine'; valid: uniform, linear"),
+])
+def test_bad_construction_arguments_are_refused(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        tiny_model(**kwargs)
+
+
+def test_input_of_another_size_names_both_sizes() -> None:
+    with pytest.raises(ValueError, match=r"input of size \(96, 96\) but the model was built for 64x64"):
+        tiny_model().eval()(torch.randn(1, 3, 96, 96))
+
+
+def test_checkpoint_filter_unwraps_and_reports_mismatches(golden: dict) -> None:
+    model = tiny_model()
+    wrapped = {"model": {f"module.{k}": v for k, v in golden["state_dict"].items()}, "epoch": 3}
+    model.load_state_dict(checkpoint_filter_fn(wrapped, model), strict=True)
+    with pytest.raises(ValueError, match=r"\(2 mismatches: head.weight: checkpoint \(10, 320\) vs model \(5, 320\)"):
+        checkpoint_filter_fn(golden["state_dict"], tiny_model(num_classes=5))
+    with pytest.raises(ValueError, match=r"unexpected blocks3.1.token_mixing"):
+        checkpoint_filter_fn(golden["state_dict"], tiny_model(layers=(1, 1, 1, 1)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_on_cpu_stays_close_to_float32(golden: dict, golden_model: StripMLPNet, dtype) -> None:
+    with torch.no_grad():
+        reference = golden_model(golden["input"])
+        with torch.autocast("cpu", dtype=dtype):
+            low = golden_model(golden["input"])
+    assert low.dtype == dtype
+    assert (low.float() - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+def test_blocks_compile_without_graph_breaks() -> None:
+    model = tiny_model().eval()
+    explanation = torch._dynamo.explain(model)(torch.randn(2, 3, 64, 64))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(golden: dict, golden_model: StripMLPNet) -> None:
+    model = copy.deepcopy(golden_model).cuda()
+    with torch.no_grad():
+        logits = model(golden["input"].cuda()).cpu()
+    assert_close_to_golden(logits, golden["logits"])
