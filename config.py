@@ -1,0 +1,385 @@
+"""Configuration: yacs defaults, YAML files with ``BASE:`` inheritance, ``--opts`` and command-line shortcuts.
+
+The layout follows the Swin-Transformer code base the Strip-MLP release was built on: one default node
+with a comment on every key, YAML files that state only what differs, and a config that is frozen once
+parsed. Every bad input raises :class:`ConfigError` with one line naming the file (or flag) and the key.
+"""
+
+import argparse
+import ast
+import difflib
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+from yacs.config import CfgNode as CN
+
+# Values a key may take; checked whenever a file, --opts or a flag sets the key.
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "DATA.DATASET": ("imagenet", "cifar10", "cifar100", "caltech101", "folder", "demo"),
+    "DATA.INTERPOLATION": ("bicubic", "bilinear", "random"),
+    "MODEL.DROP_PATH_SCHEDULE": ("uniform", "linear"),
+    "TRAIN.LR_SCHEDULER.NAME": ("cosine", "linear", "step"),
+    "TRAIN.OPTIMIZER.NAME": ("adamw", "sgd"),
+    "TRAIN.LR_SCALING": ("linear", "none"),
+    "AUG.REMODE": ("pixel", "rand", "const"),
+    "AUG.MIXUP_MODE": ("batch", "pair", "elem"),
+    "AMP.DTYPE": ("bfloat16", "float16"),
+    "DEVICE": ("auto", "cpu", "cuda"),
+}
+
+
+class ConfigError(Exception):
+    """A bad config file, key or value; its message is one line meant for the user."""
+
+
+def default_config() -> CN:
+    """Return a fresh node holding every key with its default value."""
+    c = CN()
+
+    # ---------------------------------------------------------------- data
+    c.DATA = CN()
+    c.DATA.BATCH_SIZE = 64  # images per process (per GPU) and step
+    c.DATA.DATA_PATH = ""  # dataset root; its expected layout depends on DATA.DATASET
+    c.DATA.DATASET = "imagenet"  # one of _CHOICES["DATA.DATASET"]
+    c.DATA.IMG_SIZE = 224  # network input side; a multiple of the network's total stride (32)
+    c.DATA.INTERPOLATION = "bicubic"  # resize interpolation for training and evaluation
+    c.DATA.PIN_MEMORY = True  # page-locked host memory for faster copies to the GPU
+    c.DATA.NUM_WORKERS = 8  # data-loading worker processes per training process
+    c.DATA.PERSISTENT_WORKERS = True  # keep workers alive across epochs (ignored when NUM_WORKERS is 0)
+
+    # ---------------------------------------------------------------- model
+    c.MODEL = CN()
+    c.MODEL.TYPE = "strip_mlp"  # architecture family, dispatched by models.build_model
+    c.MODEL.NAME = "strip_mlp_tiny"  # run name; also the sub-folder of OUTPUT
+    c.MODEL.PRETRAINED = ""  # weights to start from (model weights only, e.g. the release's checkpoints)
+    c.MODEL.RESUME = ""  # checkpoint to resume training from (model, optimiser, scheduler, epoch)
+    c.MODEL.NUM_CLASSES = 1000  # classifier outputs; must equal the class count found in the data
+    c.MODEL.DROP_RATE = 0.0  # release key kept for its configs; the Strip-MLP network does not use it
+    c.MODEL.DROP_PATH_RATE = 0.1  # stochastic-depth rate
+    c.MODEL.DROP_PATH_SCHEDULE = "uniform"  # "uniform": every block gets DROP_PATH_RATE (as the release);
+    # "linear": rises from 0 at the first block to DROP_PATH_RATE at the last
+    c.MODEL.LABEL_SMOOTHING = 0.1  # label smoothing, applied through Mixup's targets when mixup is on
+
+    c.MODEL.STRIP_MLP = CN()
+    c.MODEL.STRIP_MLP.PATCH_SIZE = 4  # side of the non-overlapping patches of the stem
+    c.MODEL.STRIP_MLP.IN_CHANS = 3  # input image channels
+    c.MODEL.STRIP_MLP.EMBED_DIM = 80  # channels of the first stage (doubled at each later stage)
+    c.MODEL.STRIP_MLP.LAYERS = [2, 2, 12, 2]  # blocks per stage
+    c.MODEL.STRIP_MLP.ALPHA = 3  # strip width of the strip-mixing MLPs (the paper's alpha)
+
+    # ---------------------------------------------------------------- training
+    c.TRAIN = CN()
+    c.TRAIN.START_EPOCH = 0  # first epoch index (a resumed checkpoint sets it)
+    c.TRAIN.EPOCHS = 300  # total training epochs
+    c.TRAIN.WARMUP_EPOCHS = 20  # epochs of linear warm-up from WARMUP_LR to BASE_LR
+    c.TRAIN.WEIGHT_DECAY = 0.05  # decoupled weight decay (not applied to norms and biases)
+    c.TRAIN.BASE_LR = 5e-4  # peak learning rate, at a total batch of LR_REFERENCE_BATCH when LR_SCALING is linear
+    c.TRAIN.WARMUP_LR = 5e-7  # learning rate at the start of warm-up
+    c.TRAIN.MIN_LR = 5e-6  # learning rate at the end of the schedule
+    c.TRAIN.CLIP_GRAD = 5.0  # gradient-norm clipping threshold; 0 turns clipping off
+    c.TRAIN.AUTO_RESUME = True  # resume from the newest checkpoint in OUTPUT when there is one
+    c.TRAIN.ACCUMULATION_STEPS = 0  # micro-batches per optimiser step; 0 or 1 means no accumulation
+    c.TRAIN.USE_CHECKPOINT = False  # activation checkpointing: less memory, about a third more compute
+    c.TRAIN.LR_SCALING = "linear"  # "linear": scale the three LRs by total batch / LR_REFERENCE_BATCH; "none"
+    c.TRAIN.LR_REFERENCE_BATCH = 512  # total batch (batch x processes x accumulation) the LRs are stated for
+    c.TRAIN.SYNC_BN = False  # synchronise BatchNorm statistics across processes
+    c.TRAIN.KEEP_CHECKPOINTS = 0  # how many epoch checkpoints to keep (oldest deleted first); 0 keeps all
+
+    c.TRAIN.LR_SCHEDULER = CN()
+    c.TRAIN.LR_SCHEDULER.NAME = "cosine"  # one of _CHOICES["TRAIN.LR_SCHEDULER.NAME"]
+    c.TRAIN.LR_SCHEDULER.DECAY_EPOCHS = 30  # epochs between decays ("step" only)
+    c.TRAIN.LR_SCHEDULER.DECAY_RATE = 0.1  # factor applied at each decay ("step" only)
+
+    c.TRAIN.OPTIMIZER = CN()
+    c.TRAIN.OPTIMIZER.NAME = "adamw"  # one of _CHOICES["TRAIN.OPTIMIZER.NAME"]
+    c.TRAIN.OPTIMIZER.EPS = 1e-8  # AdamW epsilon
+    c.TRAIN.OPTIMIZER.BETAS = (0.9, 0.999)  # AdamW betas
+    c.TRAIN.OPTIMIZER.MOMENTUM = 0.9  # SGD momentum (Nesterov)
+
+    c.TRAIN.EMA = CN()
+    c.TRAIN.EMA.ENABLE = False  # keep an exponential moving average of the weights and validate it too
+    c.TRAIN.EMA.DECAY = 0.9998  # EMA decay per optimiser step
+
+    # ---------------------------------------------------------------- augmentation
+    c.AUG = CN()
+    c.AUG.COLOR_JITTER = 0.4  # colour-jitter strength; 0 turns it off (also off while AUTO_AUGMENT is used)
+    c.AUG.AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"  # timm auto-augment policy string; "none" turns it off
+    c.AUG.HFLIP = 0.5  # horizontal-flip probability (0 for data where mirroring changes the class)
+    c.AUG.REPROB = 0.25  # random-erasing probability
+    c.AUG.REMODE = "pixel"  # random-erasing fill mode
+    c.AUG.RECOUNT = 1  # random-erasing regions per image
+    c.AUG.MIXUP = 0.8  # mixup alpha; mixup is on when > 0
+    c.AUG.CUTMIX = 1.0  # cutmix alpha; cutmix is on when > 0
+    c.AUG.CUTMIX_MINMAX = None  # cutmix box ratio range [min, max]; overrides CUTMIX and turns cutmix on
+    c.AUG.MIXUP_PROB = 1.0  # probability of applying mixup or cutmix to a batch
+    c.AUG.MIXUP_SWITCH_PROB = 0.5  # probability of cutmix instead of mixup when both are on
+    c.AUG.MIXUP_MODE = "batch"  # mix parameters drawn per "batch", "pair" or "elem"
+
+    # ---------------------------------------------------------------- evaluation
+    c.TEST = CN()
+    c.TEST.CROP = True  # resize to IMG_SIZE*256/224 then centre-crop; False resizes straight to IMG_SIZE
+    c.TEST.SEQUENTIAL = False  # shard validation in contiguous blocks (True) or strided (False); both exact
+
+    # ---------------------------------------------------------------- mixed precision
+    c.AMP = CN()
+    c.AMP.ENABLE = False  # autocast the forward pass (replaces the release's apex opt level)
+    c.AMP.DTYPE = "bfloat16"  # autocast dtype; "float16" also turns on gradient scaling
+
+    # ---------------------------------------------------------------- run
+    c.OUTPUT = "output"  # output root; the run writes to OUTPUT/MODEL.NAME/TAG
+    c.TAG = "default"  # experiment tag; last part of the output folder
+    c.SAVE_FREQ = 20  # save a checkpoint every this many epochs (and after the last)
+    c.PRINT_FREQ = 100  # log every this many steps
+    c.SEED = 0  # random seed (each process adds its rank)
+    c.EVAL_MODE = False  # only evaluate the weights given by MODEL.RESUME or MODEL.PRETRAINED
+    c.THROUGHPUT_MODE = False  # only measure inference throughput
+    c.DEVICE = "auto"  # "auto" uses CUDA when available, else the CPU
+    c.CHANNELS_LAST = False  # channels-last memory format for the model and inputs
+    c.COMPILE = False  # wrap the model with torch.compile
+    c.DETERMINISTIC = False  # deterministic kernels and no cuDNN benchmark (slower, reproducible)
+    return c
+
+
+def _parse_literal(text: str) -> Any:
+    """Read a string as a Python literal when it is one ("5e-4", "[2, 2]", "True"), else keep the string."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _coerce(value: Any, default: Any, key: str, source: str) -> Any:
+    """Return ``value`` converted to the type of ``default``, or raise ConfigError naming key and source."""
+    # PyYAML reads 5e-4 (no dot) as a string and --opts gives strings: read them as literals.
+    if isinstance(value, str) and not isinstance(default, str):
+        value = _parse_literal(value)
+    if default is None:  # optional keys (AUG.CUTMIX_MINMAX) accept None or a value
+        return value
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
+        if default:  # items take the type of the default's items (LAYERS ints, BETAS floats)
+            value = [_coerce(item, default[0], f"{key}[{i}]", source) for i, item in enumerate(value)]
+        return type(default)(value)
+    if type(value) is not type(default):
+        raise ConfigError(f"{source}: {key} expects type {type(default).__name__} (like {default!r}), got {value!r}")
+    if key in _CHOICES and value not in _CHOICES[key]:
+        raise ConfigError(f"{source}: {key} {value!r} is not supported; choose one of: {', '.join(_CHOICES[key])}")
+    return value
+
+
+def _set_key(config: CN, key: str, value: Any, source: str) -> None:
+    """Set dotted ``key`` of a config under construction; nested mappings set their sub-keys."""
+    parts = key.split(".")
+    node = config
+    for depth, name in enumerate(parts):
+        where = ".".join(parts[:depth])
+        if not isinstance(node, CN):
+            raise ConfigError(f"{source}: unknown key {key}; {where} is a single value without sub-keys")
+        if name not in node:
+            hint = difflib.get_close_matches(name, list(node.keys()), n=1)
+            known = f"did you mean {(where + '.' if where else '') + hint[0]}?" if hint else (
+                f"valid keys under {where or 'the top level'}: {', '.join(node)}")
+            raise ConfigError(f"{source}: unknown key {key}; {known}")
+        if depth < len(parts) - 1:
+            node = node[name]
+    leaf = parts[-1]
+    current = node[leaf]
+    if isinstance(current, CN):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key} is a section; give it a mapping of sub-keys, got {value!r}")
+        for sub_key, sub_value in value.items():
+            _set_key(config, f"{key}.{sub_key}", sub_value, source)
+        return
+    if isinstance(value, dict):
+        raise ConfigError(f"{source}: {key} is a single value, not a section; got {value!r}")
+    node[leaf] = _coerce(value, current, key, source)
+
+
+def _read_yaml(path: str) -> dict:
+    """Return the mapping a YAML file holds, or raise ConfigError naming the file and the problem."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory; give a .yaml file") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or "not valid YAML"
+        raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
+    if content is None:  # an empty file changes nothing
+        return {}
+    if not isinstance(content, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level, got {type(content).__name__}")
+    return content
+
+
+def _merge_file(config: CN, path: str, chain: tuple[str, ...] = ()) -> None:
+    """Merge a YAML file into a config under construction, its BASE files first (paths relative to it)."""
+    real = os.path.realpath(path)
+    if real in chain:
+        raise ConfigError(f"{path}: BASE files include each other in a loop")
+    content = dict(_read_yaml(path))
+    bases = content.pop("BASE", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: BASE must be a file name or a list of file names, got {bases!r}")
+    for base in bases:
+        if not base:  # the release's configs write BASE: [''] for "no base"
+            continue
+        base_path = os.path.join(os.path.dirname(path), base)
+        if not os.path.isfile(base_path):
+            raise ConfigError(f"{path}: BASE file {base_path} not found")
+        _merge_file(config, base_path, chain + (real,))
+    for key, value in content.items():
+        _set_key(config, str(key), value, path)
+
+
+def _check_consistency(config: CN) -> None:
+    """Checks that involve several keys, run once everything is merged."""
+    strip = config.MODEL.STRIP_MLP
+    if not strip.LAYERS or min(strip.LAYERS) < 1:
+        raise ConfigError(f"MODEL.STRIP_MLP.LAYERS needs one or more stages of at least one block, got {strip.LAYERS}")
+    # The stem divides the image by PATCH_SIZE and each later stage halves it again.
+    stride = strip.PATCH_SIZE * 2 ** (len(strip.LAYERS) - 1)
+    if config.DATA.IMG_SIZE % stride:
+        raise ConfigError(
+            f"DATA.IMG_SIZE {config.DATA.IMG_SIZE} must be a multiple of {stride} "
+            f"(MODEL.STRIP_MLP.PATCH_SIZE {strip.PATCH_SIZE} x 2^{len(strip.LAYERS) - 1} stage downsamplings)"
+        )
+    positive = {
+        "DATA.BATCH_SIZE": config.DATA.BATCH_SIZE,
+        "DATA.IMG_SIZE": config.DATA.IMG_SIZE,
+        "MODEL.NUM_CLASSES": config.MODEL.NUM_CLASSES,
+        "TRAIN.EPOCHS": config.TRAIN.EPOCHS,
+        "TRAIN.LR_REFERENCE_BATCH": config.TRAIN.LR_REFERENCE_BATCH,
+        "SAVE_FREQ": config.SAVE_FREQ,
+        "PRINT_FREQ": config.PRINT_FREQ,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    non_negative = {
+        "DATA.NUM_WORKERS": config.DATA.NUM_WORKERS,
+        "TRAIN.ACCUMULATION_STEPS": config.TRAIN.ACCUMULATION_STEPS,
+        "TRAIN.KEEP_CHECKPOINTS": config.TRAIN.KEEP_CHECKPOINTS,
+        "TRAIN.WARMUP_EPOCHS": config.TRAIN.WARMUP_EPOCHS,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be 0 or more, got {value}")
+    if not 0.0 <= config.MODEL.DROP_PATH_RATE < 1.0:
+        raise ConfigError(f"MODEL.DROP_PATH_RATE must be in [0, 1), got {config.MODEL.DROP_PATH_RATE}")
+
+
+def _shortcut_values(args: argparse.Namespace) -> list[tuple[str, str, Any]]:
+    """(flag, key, value) for each command-line shortcut the user gave."""
+    given = [
+        ("--batch-size", "DATA.BATCH_SIZE", args.batch_size),
+        ("--data-path", "DATA.DATA_PATH", args.data_path),
+        ("--pretrained", "MODEL.PRETRAINED", args.pretrained),
+        ("--resume", "MODEL.RESUME", args.resume),
+        ("--accumulation-steps", "TRAIN.ACCUMULATION_STEPS", args.accumulation_steps),
+        ("--use-checkpoint", "TRAIN.USE_CHECKPOINT", args.use_checkpoint or None),
+        ("--output", "OUTPUT", args.output),
+        ("--tag", "TAG", args.tag),
+        ("--eval", "EVAL_MODE", args.eval or None),
+        ("--throughput", "THROUGHPUT_MODE", args.throughput or None),
+        ("--amp", "AMP.ENABLE", args.amp or None),
+        ("--amp-dtype", "AMP.DTYPE", args.amp_dtype),
+    ]
+    # The release's apex levels: O0 is full precision, O1/O2 were float16 mixed precision.
+    if args.amp_opt_level is not None:
+        given.append(("--amp-opt-level", "AMP.ENABLE", args.amp_opt_level != "O0"))
+        if args.amp_opt_level != "O0" and args.amp_dtype is None:
+            given.append(("--amp-opt-level", "AMP.DTYPE", "float16"))
+    return [(flag, key, value) for flag, key, value in given if value is not None]
+
+
+def update_config(config: CN, args: argparse.Namespace) -> CN:
+    """Return a frozen copy of ``config`` with ``args.cfg``, ``args.opts`` and the shortcut flags applied.
+
+    Order, later winning: the YAML file (after its BASE files), ``--opts``, then the shortcut flags.
+    The run's output folder becomes OUTPUT/MODEL.NAME/TAG, as in the release.
+    """
+    config = config.clone()
+    config.defrost()
+    if args.cfg:
+        _merge_file(config, args.cfg)
+    opts = list(args.opts or [])
+    if len(opts) % 2:
+        raise ConfigError(f"--opts needs KEY VALUE pairs; {opts[-1]!r} has no value")
+    for key, value in zip(opts[0::2], opts[1::2], strict=True):
+        _set_key(config, key, value, "--opts")
+    for flag, key, value in _shortcut_values(args):
+        _set_key(config, key, value, flag)
+    _check_consistency(config)
+    config.OUTPUT = os.path.join(config.OUTPUT, config.MODEL.NAME, config.TAG)
+    config.freeze()
+    return config
+
+
+def get_config(args: argparse.Namespace) -> CN:
+    """Return the frozen config for parsed command-line ``args`` (see :func:`build_parser`)."""
+    return update_config(default_config(), args)
+
+
+def load_config(cfg_file: str, opts: Sequence[str] = ()) -> CN:
+    """Return the frozen config of one YAML file plus ``KEY VALUE`` overrides (for tools and tests)."""
+    return get_config(build_parser().parse_args(["--cfg", cfg_file, *(["--opts", *opts] if opts else [])]))
+
+
+def dump_config(config: CN, path: str) -> None:
+    """Write the full config as YAML that ``--cfg`` can read back (OUTPUT aside, which gains NAME/TAG again)."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(config.dump())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The training script's command line: the release's flags, with ``--amp`` in place of apex."""
+    parser = argparse.ArgumentParser("Strip-MLP training and evaluation")
+    parser.add_argument("--cfg", type=str, required=True, metavar="FILE", help="path to a YAML config file")
+    parser.add_argument("--opts", default=None, nargs="+", metavar="KEY VALUE",
+                        help="override config keys, e.g. --opts TRAIN.EPOCHS 100 DATA.NUM_WORKERS 4")
+    parser.add_argument("--batch-size", type=int, help="batch size per process (DATA.BATCH_SIZE)")
+    parser.add_argument("--data-path", type=str, help="dataset root (DATA.DATA_PATH)")
+    parser.add_argument("--pretrained", type=str, help="weights to start from (MODEL.PRETRAINED)")
+    parser.add_argument("--resume", type=str, help="checkpoint to resume from (MODEL.RESUME)")
+    parser.add_argument("--accumulation-steps", type=int, help="gradient accumulation steps")
+    parser.add_argument("--use-checkpoint", action="store_true", help="activation checkpointing to save memory")
+    parser.add_argument("--amp", action="store_true", help="mixed precision (AMP.ENABLE)")
+    parser.add_argument("--amp-dtype", choices=_CHOICES["AMP.DTYPE"], help="mixed-precision dtype (AMP.DTYPE)")
+    parser.add_argument("--amp-opt-level", choices=("O0", "O1", "O2"),
+                        help="deprecated apex level from the release: O0 is off, O1/O2 mean --amp --amp-dtype float16")
+    parser.add_argument("--output", type=str, metavar="PATH", help="output root; the run writes to PATH/NAME/TAG")
+    parser.add_argument("--tag", type=str, help="experiment tag (TAG)")
+    parser.add_argument("--eval", action="store_true", help="evaluate only")
+    parser.add_argument("--throughput", action="store_true", help="measure throughput only")
+    # torch.distributed.launch passes --local_rank (older) or --local-rank; torchrun sets LOCAL_RANK instead,
+    # which is what the training script reads. Accepted so the release's command lines keep working.
+    parser.add_argument("--local_rank", "--local-rank", type=int, dest="local_rank", help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_option(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, CN]:
+    """Parse the command line into (args, frozen config); a bad config exits with code 2 and one line."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = get_config(args)
+    except ConfigError as err:
+        parser.exit(2, f"error: {err}\n")
+    return args, config
+
+
+if __name__ == "__main__":  # print the merged config: python config.py --cfg FILE [--opts ...]
+    sys.stdout.write(parse_option()[1].dump())

@@ -1,0 +1,149 @@
+"""Config loading: every shipped file, inheritance, overrides, shortcuts and one-line errors."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from config import ConfigError, build_parser, default_config, dump_config, get_config, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+# Runnable configs; files under configs/base/ are only inherited.
+CONFIG_FILES = sorted(p for p in (REPO / "configs").rglob("*.yaml")
+                      if p.relative_to(REPO / "configs").parts[0] != "base")
+
+# (embed dim, layers) of the four released variants.
+VARIANTS = {
+    "tiny_light": (80, [2, 2, 6, 2]),
+    "tiny": (80, [2, 2, 12, 2]),
+    "small": (96, [2, 2, 18, 2]),
+    "base": (112, [2, 2, 18, 2]),
+}
+DATASETS = {"imagenet1k": ("imagenet", 1000), "cifar10": ("cifar10", 10), "cifar100": ("cifar100", 100),
+            "caltech101": ("caltech101", 101)}
+
+
+def _write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def test_sixteen_released_settings_and_a_demo() -> None:
+    names = {str(p.relative_to(REPO / "configs")) for p in CONFIG_FILES}
+    expected = {f"{ds}/strip_mlp_{v}.yaml" for ds in DATASETS for v in VARIANTS}
+    assert expected <= names
+    assert any(name.startswith("demo/") for name in names)
+
+
+@pytest.mark.parametrize("dataset", sorted(DATASETS))
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_released_setting_has_release_values(variant: str, dataset: str) -> None:
+    config = load_config(str(REPO / "configs" / dataset / f"strip_mlp_{variant}.yaml"))
+    embed_dim, layers = VARIANTS[variant]
+    assert config.MODEL.STRIP_MLP.EMBED_DIM == embed_dim
+    assert config.MODEL.STRIP_MLP.LAYERS == layers
+    assert config.MODEL.STRIP_MLP.ALPHA == 3 and config.MODEL.STRIP_MLP.PATCH_SIZE == 4
+    assert (config.DATA.DATASET, config.MODEL.NUM_CLASSES) == DATASETS[dataset]
+    assert config.MODEL.NAME == f"strip_mlp_{variant}_{dataset}"
+    assert config.DATA.IMG_SIZE == 224 and config.DATA.BATCH_SIZE == 64
+    assert config.TRAIN.BASE_LR == 5e-4 and config.TRAIN.EPOCHS == 300 and config.TRAIN.WARMUP_EPOCHS == 20
+    assert config.TRAIN.LR_SCALING == "none"
+    assert config.MODEL.DROP_PATH_RATE == 0.1 and config.MODEL.DROP_PATH_SCHEDULE == "uniform"
+    assert config.AUG.MIXUP == 0.8 and config.AUG.CUTMIX == 1.0
+    assert config.MODEL.DROP_RATE == (0.0 if dataset == "caltech101" and variant.startswith("tiny") else 0.2)
+    assert config.is_frozen()
+
+
+def test_base_inheritance_is_relative_and_later_files_win(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    _write(tmp_path / "a.yaml", "DATA:\n  BATCH_SIZE: 8\n  NUM_WORKERS: 1\n")
+    _write(tmp_path / "b.yaml", "BASE: a.yaml\nDATA:\n  NUM_WORKERS: 2\n")
+    leaf = _write(tmp_path / "sub" / "c.yaml", "BASE: ['../b.yaml']\nTRAIN:\n  BASE_LR: 1e-3\n")
+    config = load_config(leaf)
+    assert (config.DATA.BATCH_SIZE, config.DATA.NUM_WORKERS, config.TRAIN.BASE_LR) == (8, 2, 1e-3)
+
+
+def test_opts_then_shortcuts_override_the_file(tmp_path: Path) -> None:
+    cfg = _write(tmp_path / "c.yaml", "DATA:\n  BATCH_SIZE: 8\n")
+    args = build_parser().parse_args([
+        "--cfg", cfg, "--opts", "DATA.BATCH_SIZE", "16", "MODEL.STRIP_MLP.LAYERS", "[1, 1, 2, 1]",
+        "TRAIN.WEIGHT_DECAY", "0", "AUG.CUTMIX_MINMAX", "[0.2, 0.8]", "TRAIN.EMA.ENABLE", "true",
+        "--batch-size", "32", "--data-path", "/d", "--output", "/o", "--tag", "t", "--eval", "--amp",
+        "--local_rank", "5",
+    ])
+    config = get_config(args)
+    assert config.DATA.BATCH_SIZE == 32
+    assert config.MODEL.STRIP_MLP.LAYERS == [1, 1, 2, 1]
+    assert config.TRAIN.WEIGHT_DECAY == 0.0 and isinstance(config.TRAIN.WEIGHT_DECAY, float)
+    assert config.AUG.CUTMIX_MINMAX == [0.2, 0.8]
+    assert config.TRAIN.EMA.ENABLE is True
+    assert config.DATA.DATA_PATH == "/d" and config.EVAL_MODE and config.AMP.ENABLE
+    assert config.AMP.DTYPE == "bfloat16"
+    assert config.OUTPUT == "/o/strip_mlp_tiny/t"
+
+
+def test_release_apex_level_maps_to_float16_amp(tmp_path: Path) -> None:
+    cfg = _write(tmp_path / "c.yaml", "")
+    on = get_config(build_parser().parse_args(["--cfg", cfg, "--amp-opt-level", "O1"]))
+    off = get_config(build_parser().parse_args(["--cfg", cfg, "--amp-opt-level", "O0", "--local-rank", "0"]))
+    assert (on.AMP.ENABLE, on.AMP.DTYPE) == (True, "float16")
+    assert off.AMP.ENABLE is False
+
+
+def test_defaults_are_untouched_and_dump_reloads(tmp_path: Path) -> None:
+    config = load_config(str(REPO / "configs" / "cifar100" / "strip_mlp_small.yaml"))
+    assert default_config().MODEL.STRIP_MLP.EMBED_DIM == 80
+    dumped = tmp_path / "config.yaml"
+    dump_config(config, str(dumped))
+    again = load_config(str(dumped), ["OUTPUT", "output"])
+    assert again == config
+
+
+@pytest.mark.parametrize(
+    ("text", "opts", "message"),
+    [
+        ("DATA:\n  BATCH_SZE: 8\n", (), "unknown key DATA.BATCH_SZE; did you mean DATA.BATCH_SIZE?"),
+        ("FOO: 1\n", (), "unknown key FOO"),
+        ("DATA:\n  BATCH_SIZE: eight\n", (), "DATA.BATCH_SIZE expects type int"),
+        ("DATA: 3\n", (), "DATA is a section"),
+        ("DATA:\n  BATCH_SIZE: {A: 1}\n", (), "DATA.BATCH_SIZE is a single value"),
+        ("MODEL:\n  STRIP_MLP:\n    LAYERS: [1, a]\n", (), "MODEL.STRIP_MLP.LAYERS[1] expects type int"),
+        ("DATA:\n  DATASET: imagenet1k\n", (), "choose one of: imagenet, cifar10"),
+        ("TRAIN:\n  OPTIMIZER:\n    NAME: lamb\n", (), "choose one of: adamw, sgd"),
+        ("AMP:\n  DTYPE: fp8\n", (), "choose one of: bfloat16, float16"),
+        ("DATA:\n  IMG_SIZE: 100\n", (), "DATA.IMG_SIZE 100 must be a multiple of 32"),
+        ("DATA: [1\n", (), "malformed YAML at line"),
+        ("- 1\n- 2\n", (), "expected a mapping"),
+        ("BASE: missing.yaml\n", (), "BASE file"),
+        ("", ("TRAIN.EPOCHS",), "has no value"),
+        ("", ("TRAIN.EPOCHS", "0"), "TRAIN.EPOCHS must be positive"),
+    ],
+)
+def test_bad_config_raises_one_line_naming_file_and_key(tmp_path: Path, text: str, opts: tuple, message: str) -> None:
+    cfg = _write(tmp_path / "bad.yaml", text)
+    with pytest.raises(ConfigError) as info:
+        load_config(cfg, opts)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+    if not opts and "must be" not in message:
+        assert "bad.yaml" in str(info.value)
+
+
+def test_base_loop_is_reported(tmp_path: Path) -> None:
+    _write(tmp_path / "a.yaml", "BASE: b.yaml\n")
+    _write(tmp_path / "b.yaml", "BASE: a.yaml\n")
+    with pytest.raises(ConfigError, match="loop"):
+        load_config(str(tmp_path / "a.yaml"))
+
+
+def test_command_line_error_is_one_line_with_exit_code_2(tmp_path: Path) -> None:
+    cfg = _write(tmp_path / "bad.yaml", "TRAIN:\n  EPOCHS: many\n")
+    result = subprocess.run([sys.executable, str(REPO / "config.py"), "--cfg", cfg],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "TRAIN.EPOCHS" in result.stderr and "bad.yaml" in result.stderr and "Traceback" not in result.stderr
+    missing = subprocess.run([sys.executable, str(REPO / "config.py"), "--cfg", str(tmp_path / "none.yaml")],
+                             capture_output=True, text=True, cwd=REPO)
+    assert missing.returncode == 2 and "none.yaml not found" in missing.stderr
