@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from config import ConfigError, build_parser, default_config, dump_config, get_config, load_config
 
@@ -147,3 +148,16 @@ def test_command_line_error_is_one_line_with_exit_code_2(tmp_path: Path) -> None
     missing = subprocess.run([sys.executable, str(REPO / "config.py"), "--cfg", str(tmp_path / "none.yaml")],
                              capture_output=True, text=True, cwd=REPO)
     assert missing.returncode == 2 and "none.yaml not found" in missing.stderr
+
+
+@pytest.mark.parametrize("cfg_file", CONFIG_FILES, ids=lambda p: str(p.relative_to(REPO / "configs")))
+def test_every_config_builds_its_model(cfg_file: Path) -> None:
+    from models import build_model
+
+    config = load_config(str(cfg_file))
+    model = build_model(config)
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    assert head.out_features == config.MODEL.NUM_CLASSES
+    if config.DATA.IMG_SIZE <= 32:  # small enough to run a forward pass cheaply
+        out = model.eval()(torch.zeros(2, 3, config.DATA.IMG_SIZE, config.DATA.IMG_SIZE))
+        assert out.shape == (2, config.MODEL.NUM_CLASSES)
