@@ -1,0 +1,258 @@
+"""Speed and memory of the Strip-MLP variants: parameters, MACs, eval and train-step images/s, peak memory.
+
+Each timing is the median of several timed runs after warm-up, reported with min and max. With
+`--baseline REV` the model file as it was at git revision REV is timed side by side with the
+current one in the same process, alternating run by run, so both see the same machine state;
+speed-ups are claimed from such paired runs only.
+
+    python tools/benchmark.py --model strip_mlp_tiny --batch-size 32 --dtype bf16 --baseline HEAD~3
+
+On CPU, glibc returns large buffers to the kernel after every step and page faults then dominate;
+run with `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184` (or a preloaded jemalloc/tcmalloc)
+for steady numbers. Peak memory is the peak RSS of a fresh child process on CPU, and the peak of
+the caching allocator on CUDA.
+"""
+
+import argparse
+import csv
+import importlib.util
+import json
+import multiprocessing
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import ModuleType
+from unittest import mock
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MODEL_FILE = "models/strip_mlp.py"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What is measured: one variant at one input size, batch, precision and memory format."""
+
+    model: str
+    img_size: int
+    batch_size: int
+    dtype: str
+    channels_last: bool
+    compile: bool
+    device: str
+
+
+def load_implementation(revision: str | None) -> ModuleType:
+    """The current model module, or the model file as it was at a git revision.
+
+    The old file is executed as a module of its own; its `@register_model` decorators are made
+    inert meanwhile so that timm's registry keeps pointing at the current implementation.
+    """
+    if revision is None:
+        from models import strip_mlp
+        return strip_mlp
+    try:
+        source = subprocess.run(["git", "-C", str(ROOT), "show", f"{revision}:{MODEL_FILE}"],
+                                check=True, capture_output=True, text=True).stdout
+    except subprocess.CalledProcessError as error:
+        raise SystemExit(f"error: cannot read {MODEL_FILE} at revision {revision!r}: {error.stderr.strip()}") from None
+    name = f"strip_mlp_at_{revision.replace('~', '_').replace('^', '_')}"
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader=None))
+    with mock.patch("timm.models.register_model", lambda fn: fn):
+        exec(compile(source, f"{revision}:{MODEL_FILE}", "exec"), module.__dict__)
+    return module
+
+
+def build(module: ModuleType, setting: Setting) -> torch.nn.Module:
+    if setting.model not in module.VARIANTS:
+        raise SystemExit(f"error: unknown model {setting.model!r}; valid: {', '.join(module.VARIANTS)}")
+    model = module.StripMLPNet(img_size=setting.img_size, **module.VARIANTS[setting.model])
+    memory_format = torch.channels_last if setting.channels_last else torch.contiguous_format
+    return model.to(setting.device, memory_format=memory_format)
+
+
+def count_macs(model: torch.nn.Module, setting: Setting) -> float:
+    """Multiply-accumulates of one image's forward pass, in G (FLOPs counted by torch, halved)."""
+    image = torch.randn(1, 3, setting.img_size, setting.img_size, device=setting.device)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.eval()(image)
+    return counter.get_total_flops() / 2 / 1e9
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+class Step:
+    """One timed unit of work on a fixed random batch: an eval forward, or a full training step."""
+
+    def __init__(self, model: torch.nn.Module, setting: Setting, train: bool) -> None:
+        memory_format = torch.channels_last if setting.channels_last else torch.contiguous_format
+        self.images = torch.randn(setting.batch_size, 3, setting.img_size, setting.img_size,
+                                  device=setting.device).contiguous(memory_format=memory_format)
+        self.targets = torch.randint(0, 1000, (setting.batch_size,), device=setting.device)
+        self.model = model.train(train)
+        self.forward = torch.compile(model) if setting.compile else model
+        self.train = train
+        self.autocast = torch.autocast(torch.device(setting.device).type, dtype=DTYPES[setting.dtype],
+                                       enabled=setting.dtype != "fp32")
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4) if train else None
+        self.scaler = torch.amp.GradScaler(torch.device(setting.device).type, enabled=setting.dtype == "fp16")
+
+    def __call__(self) -> None:
+        if not self.train:
+            with torch.inference_mode(), self.autocast:
+                self.forward(self.images)
+            return
+        with self.autocast:
+            loss = torch.nn.functional.cross_entropy(self.forward(self.images), self.targets)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def time_paired(steps: list[Callable[[], None]], device: str, warmup: int, repeats: int) -> list[list[float]]:
+    """Seconds per run of each step, alternating between the steps run by run after warm-up."""
+    for step in steps:
+        for _ in range(warmup):
+            step()
+    synchronize(device)
+    seconds: list[list[float]] = [[] for _ in steps]
+    for _ in range(repeats):
+        for index, step in enumerate(steps):
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            seconds[index].append(time.perf_counter() - start)
+    return seconds
+
+
+def rates(batch_size: int, seconds: list[float]) -> dict[str, float]:
+    images_per_second = [batch_size / s for s in seconds]
+    return {"median": statistics.median(images_per_second), "min": min(images_per_second),
+            "max": max(images_per_second)}
+
+
+def _peak_memory_child(revision: str | None, setting: Setting, train: bool, queue) -> None:
+    sys.path.insert(0, str(ROOT))
+    step = Step(build(load_implementation(revision), setting), setting, train)
+    for _ in range(2):
+        step()
+    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # kB -> MB on Linux
+
+
+def peak_memory_mb(revision: str | None, setting: Setting, train: bool) -> float:
+    """Peak memory of two steps: RSS of a fresh process on CPU, the caching allocator's peak on CUDA."""
+    if setting.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        step = Step(build(load_implementation(revision), setting), setting, train)
+        for _ in range(2):
+            step()
+        return torch.cuda.max_memory_allocated() / 2**20
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=_peak_memory_child, args=(revision, setting, train, queue))
+    child.start()
+    peak = queue.get()
+    child.join()
+    return peak
+
+
+def benchmark(setting: Setting, revisions: list[str | None], modes: list[str], warmup: int, repeats: int,
+              measure_memory: bool) -> list[dict]:
+    """One result row per implementation: sizes, then eval and/or train rates, then peak memory."""
+    modules = [load_implementation(revision) for revision in revisions]
+    models = [build(module, setting) for module in modules]
+    rows = [{"implementation": revision or "current", **asdict(setting),
+             "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+             "gmacs": count_macs(model, setting)} for revision, model in zip(revisions, models, strict=True)]
+    for mode in modes:
+        train = mode == "train"
+        steps = [Step(model, setting, train) for model in models]
+        seconds = time_paired(steps, setting.device, warmup, repeats)
+        for row, revision, run_seconds in zip(rows, revisions, seconds, strict=True):
+            for statistic, value in rates(setting.batch_size, run_seconds).items():
+                row[f"{mode}_img_s_{statistic}"] = value
+            if measure_memory:
+                row[f"{mode}_peak_mb"] = peak_memory_mb(revision, setting, train)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    columns = [key for key in rows[0] if key not in Setting.__dataclass_fields__]
+    print("  ".join(f"{c:>18}" for c in columns))
+    for row in rows:
+        print("  ".join(f"{row[c]:>18.2f}" if isinstance(row[c], float) else f"{row[c]!s:>18}" for c in columns))
+    if len(rows) == 2:
+        for key in rows[0]:
+            if key.endswith("_img_s_median"):
+                print(f"{key}: current / {rows[1]['implementation']} = {rows[0][key] / rows[1][key]:.2f}x")
+
+
+def write_rows(rows: list[dict], csv_path: Path | None, json_path: Path | None) -> None:
+    """Append the rows to a CSV file (header once) and/or a JSON-lines file."""
+    if csv_path is not None:
+        new_file = not csv_path.exists()
+        with csv_path.open("a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            if new_file:
+                writer.writeheader()
+            writer.writerows(rows)
+    if json_path is not None:
+        with json_path.open("a") as handle:
+            for row in rows:
+                handle.write(json.dumps(row) + "\n")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="strip_mlp_tiny", help="registered variant, e.g. strip_mlp_tiny")
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="autocast precision (fp32: off)")
+    parser.add_argument("--channels-last", action="store_true", help="model and input in channels_last")
+    parser.add_argument("--compile", action="store_true", help="time torch.compile(model)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--mode", choices=("eval", "train", "both"), default="both")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs per implementation and mode")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per implementation and mode")
+    parser.add_argument("--baseline", metavar="REV", help="also time the model file at this git revision, paired")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--csv", type=Path, help="append result rows to this CSV file")
+    parser.add_argument("--json", type=Path, help="append result rows to this JSON-lines file")
+    args = parser.parse_args(argv)
+    if args.img_size % 32 != 0:
+        parser.error(f"--img-size {args.img_size} is not divisible by 32")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda but no CUDA device is available; use --device cpu")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    setting = Setting(args.model, args.img_size, args.batch_size, args.dtype, args.channels_last, args.compile,
+                      args.device)
+    modes = ["eval", "train"] if args.mode == "both" else [args.mode]
+    revisions = [None] if args.baseline is None else [None, args.baseline]
+    rows = benchmark(setting, revisions, modes, args.warmup, args.repeats, not args.no_memory)
+    print(f"{setting}")
+    print_table(rows)
+    write_rows(rows, args.csv, args.json)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
