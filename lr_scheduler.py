@@ -1,0 +1,70 @@
+"""Learning-rate schedules with warm-up, stepped once per optimiser update (not per epoch).
+
+The schedules are timm's, built with ``t_in_epochs=False`` and counted in updates, so that gradient
+accumulation and the last incomplete accumulation group of an epoch are counted correctly.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from timm.scheduler import CosineLRScheduler, PolyLRScheduler, StepLRScheduler
+from timm.scheduler.scheduler import Scheduler
+from yacs.config import CfgNode
+
+SCHEDULERS = ("cosine", "linear", "step")
+LR_SCALINGS = ("linear", "none")
+
+
+@dataclass(frozen=True)
+class LearningRates:
+    """The learning rates a run actually uses, after TRAIN.LR_SCALING."""
+
+    base: float
+    warmup: float
+    minimum: float
+    scale: float
+
+
+def effective_learning_rates(config: CfgNode, world_size: int) -> LearningRates:
+    """Scale BASE_LR, WARMUP_LR and MIN_LR as TRAIN.LR_SCALING says.
+
+    'linear' multiplies them by the total batch (per-device batch x world size x accumulation steps) divided
+    by TRAIN.LR_REFERENCE_BATCH (512), as Swin does; 'none' uses them as given, which is what the release
+    effectively trained with.
+    """
+    scaling = config.TRAIN.LR_SCALING
+    if scaling == "linear":
+        accumulation = max(config.TRAIN.ACCUMULATION_STEPS, 1)  # 0 and 1 both mean no accumulation
+        scale = config.DATA.BATCH_SIZE * world_size * accumulation / config.TRAIN.LR_REFERENCE_BATCH
+    elif scaling == "none":
+        scale = 1.0
+    else:
+        raise ValueError(f"Invalid TRAIN.LR_SCALING {scaling!r}. Only {', '.join(LR_SCALINGS)} are supported.")
+    train = config.TRAIN
+    return LearningRates(base=train.BASE_LR * scale, warmup=train.WARMUP_LR * scale, minimum=train.MIN_LR * scale,
+                         scale=scale)
+
+
+def build_scheduler(config: CfgNode, optimizer: torch.optim.Optimizer, updates_per_epoch: int,
+                    lrs: LearningRates) -> Scheduler:
+    """The schedule TRAIN.LR_SCHEDULER.NAME names, over TRAIN.EPOCHS epochs of ``updates_per_epoch`` updates.
+
+    Warm-up runs for TRAIN.WARMUP_EPOCHS from ``lrs.warmup`` to ``lrs.base``; the decay follows it
+    (warm-up as a prefix), ending at ``lrs.minimum`` for cosine and linear.
+    """
+    train = config.TRAIN
+    total = int(train.EPOCHS * updates_per_epoch)
+    warmup = int(train.WARMUP_EPOCHS * updates_per_epoch)
+    common = {"warmup_t": warmup, "warmup_lr_init": lrs.warmup, "warmup_prefix": True, "t_in_epochs": False}
+    name = train.LR_SCHEDULER.NAME.lower()
+    if name == "cosine":
+        return CosineLRScheduler(optimizer, t_initial=max(total - warmup, 1), lr_min=lrs.minimum, **common)
+    if name == "linear":
+        # A polynomial decay of power 1 is a straight line from the base rate to the minimum.
+        return PolyLRScheduler(optimizer, t_initial=max(total - warmup, 1), power=1.0, lr_min=lrs.minimum, **common)
+    if name == "step":
+        decay_t = max(int(train.LR_SCHEDULER.DECAY_EPOCHS * updates_per_epoch), 1)
+        return StepLRScheduler(optimizer, decay_t=decay_t, decay_rate=train.LR_SCHEDULER.DECAY_RATE, **common)
+    raise ValueError(
+        f"Invalid TRAIN.LR_SCHEDULER.NAME {train.LR_SCHEDULER.NAME!r}. Only {', '.join(SCHEDULERS)} are supported."
+    )

@@ -1,0 +1,41 @@
+"""Optimisers: AdamW or SGD with Nesterov momentum, with weight decay only where it regularises.
+
+Weight decay is skipped for 1-D parameters (norm scales and shifts), biases, and the relative-position
+tables (``embeddings_table``), which the model names through ``no_weight_decay_keywords()``: decaying
+them pulls normalisation and position terms towards zero without reducing over-fitting.
+"""
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from yacs.config import CfgNode
+
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, skip_keywords: Iterable[str] = ()) -> list[dict]:
+    """Split trainable parameters into a decayed group and a group without weight decay."""
+    skip_keywords = tuple(skip_keywords)
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim <= 1 or name.endswith(".bias") or any(k in name for k in skip_keywords):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(config: CfgNode, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """The optimiser TRAIN.OPTIMIZER names, at learning rate ``lr`` (the effective, possibly scaled, BASE_LR)."""
+    skip_keywords = model.no_weight_decay_keywords() if hasattr(model, "no_weight_decay_keywords") else ()
+    groups = parameter_groups(model, config.TRAIN.WEIGHT_DECAY, skip_keywords)
+    opt = config.TRAIN.OPTIMIZER
+    name = opt.NAME.lower()
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, eps=opt.EPS, betas=tuple(opt.BETAS))
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=opt.MOMENTUM, nesterov=True)
+    raise ValueError(f"Invalid TRAIN.OPTIMIZER.NAME {opt.NAME!r}. Only {', '.join(OPTIMIZERS)} are supported.")
