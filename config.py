@@ -19,7 +19,7 @@ from yacs.config import CfgNode as CN
 # Values a key may take; checked whenever a file, --opts or a flag sets the key.
 _CHOICES: dict[str, tuple[str, ...]] = {
     "DATA.DATASET": ("imagenet", "cifar10", "cifar100", "caltech101", "folder", "demo"),
-    "DATA.INTERPOLATION": ("bicubic", "bilinear", "random"),
+    "DATA.INTERPOLATION": ("bicubic", "bilinear"),
     "MODEL.DROP_PATH_SCHEDULE": ("uniform", "linear"),
     "TRAIN.LR_SCHEDULER.NAME": ("cosine", "linear", "step"),
     "TRAIN.OPTIMIZER.NAME": ("adamw", "sgd"),
@@ -277,6 +277,9 @@ def _check_consistency(config: CN) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key} must be 0 or more, got {value}")
+    mixing = config.AUG.MIXUP > 0 or config.AUG.CUTMIX > 0 or config.AUG.CUTMIX_MINMAX is not None
+    if mixing and config.DATA.BATCH_SIZE % 2:  # timm's Mixup pairs each image with its mirror in the batch
+        raise ConfigError(f"DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} must be even while AUG.MIXUP or AUG.CUTMIX is on")
     if not 0.0 <= config.MODEL.DROP_PATH_RATE < 1.0:
         raise ConfigError(f"MODEL.DROP_PATH_RATE must be in [0, 1), got {config.MODEL.DROP_PATH_RATE}")
 

@@ -1,0 +1,18 @@
+"""Data loading: datasets by DATA.DATASET, release transforms, mixup, and distributed samplers."""
+
+from .build import Loaders, build_dataset, build_loader, build_mixup
+from .datasets import DataError
+from .demo import make_demo_digits
+from .samplers import ShardSampler
+from .transforms import build_transform
+
+__all__ = [
+    "DataError",
+    "Loaders",
+    "ShardSampler",
+    "build_dataset",
+    "build_loader",
+    "build_mixup",
+    "build_transform",
+    "make_demo_digits",
+]

@@ -1,0 +1,104 @@
+"""Datasets, samplers and loaders for training and validation, chosen by DATA.DATASET."""
+
+from typing import NamedTuple
+
+import torch
+from timm.data import Mixup
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from yacs.config import CfgNode
+
+from .datasets import CIFAR_KINDS, FOLDER_LAYOUTS, DataError, cifar_split, image_folder_split
+from .demo import make_demo_digits
+from .samplers import ShardSampler
+from .transforms import build_transform
+
+
+class Loaders(NamedTuple):
+    """What build_loader returns; unpacks like the release's five-tuple."""
+
+    dataset_train: Dataset
+    dataset_val: Dataset
+    loader_train: DataLoader
+    loader_val: DataLoader
+    mixup_fn: Mixup | None
+
+
+def build_dataset(is_train: bool, config: CfgNode) -> Dataset:
+    """The training or validation split of DATA.DATASET under DATA.DATA_PATH, with its transform."""
+    kind = config.DATA.DATASET
+    root = config.DATA.DATA_PATH
+    transform = build_transform(is_train, config)
+    if kind in CIFAR_KINDS:
+        return cifar_split(root, is_train, kind, transform)
+    if kind in FOLDER_LAYOUTS:
+        return image_folder_split(root, "train" if is_train else "val", kind, transform)
+    raise DataError(f"unknown DATA.DATASET {kind!r}; valid: {', '.join([*CIFAR_KINDS, *FOLDER_LAYOUTS])}")
+
+
+def _check_classes(train: Dataset, val: Dataset, config: CfgNode) -> None:
+    """Both splits must name the same classes, as many as the classifier has outputs."""
+    if list(train.classes) != list(val.classes):
+        only_train = sorted(set(train.classes) - set(val.classes))
+        only_val = sorted(set(val.classes) - set(train.classes))
+        raise DataError(
+            f"{config.DATA.DATA_PATH}: train and val have different classes "
+            f"(only in train: {only_train[:5]}, only in val: {only_val[:5]}); both splits need the same class folders"
+        )
+    if len(train.classes) != config.MODEL.NUM_CLASSES:
+        raise DataError(
+            f"{config.DATA.DATA_PATH} holds {len(train.classes)} classes but MODEL.NUM_CLASSES is "
+            f"{config.MODEL.NUM_CLASSES}; set MODEL.NUM_CLASSES {len(train.classes)} (--opts) or fix the data"
+        )
+
+
+def build_mixup(config: CfgNode) -> Mixup | None:
+    """timm's Mixup/CutMix with label smoothing, or None when AUG turns both off."""
+    aug = config.AUG
+    if aug.MIXUP <= 0 and aug.CUTMIX <= 0 and aug.CUTMIX_MINMAX is None:
+        return None
+    return Mixup(
+        mixup_alpha=aug.MIXUP,
+        cutmix_alpha=aug.CUTMIX,
+        cutmix_minmax=aug.CUTMIX_MINMAX,
+        prob=aug.MIXUP_PROB,
+        switch_prob=aug.MIXUP_SWITCH_PROB,
+        mode=aug.MIXUP_MODE,
+        label_smoothing=config.MODEL.LABEL_SMOOTHING,
+        num_classes=config.MODEL.NUM_CLASSES,
+    )
+
+
+def build_loader(config: CfgNode, rank: int = 0, world_size: int = 1) -> Loaders:
+    """Datasets, loaders and the mixup function for process ``rank`` of ``world_size``.
+
+    Training shuffles through a DistributedSampler (call ``loader_train.sampler.set_epoch(epoch)`` each
+    epoch) and drops the last incomplete batch; validation gives every sample to exactly one process
+    (see ShardSampler), so that sums of correct predictions over processes are exact.
+    The "demo" dataset is written to DATA.DATA_PATH first if it is not there yet.
+    """
+    if config.DATA.DATASET == "demo":
+        make_demo_digits(config.DATA.DATA_PATH)
+    dataset_train = build_dataset(True, config)
+    dataset_val = build_dataset(False, config)
+    _check_classes(dataset_train, dataset_val, config)
+
+    sampler_train = DistributedSampler(dataset_train, num_replicas=world_size, rank=rank, shuffle=True,
+                                       seed=config.SEED)
+    if len(sampler_train) < config.DATA.BATCH_SIZE:
+        raise DataError(
+            f"DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} is more than the {len(sampler_train)} training images each of "
+            f"the {world_size} processes gets from {config.DATA.DATA_PATH}; lower it with --batch-size"
+        )
+    sampler_val = ShardSampler(len(dataset_val), rank, world_size, contiguous=config.TEST.SEQUENTIAL)
+
+    workers = config.DATA.NUM_WORKERS
+    common = {
+        "batch_size": config.DATA.BATCH_SIZE,
+        "num_workers": workers,
+        # Pinning only helps copies to a GPU (and warns without one).
+        "pin_memory": config.DATA.PIN_MEMORY and config.DEVICE != "cpu" and torch.cuda.is_available(),
+        "persistent_workers": config.DATA.PERSISTENT_WORKERS and workers > 0,
+    }
+    loader_train = DataLoader(dataset_train, sampler=sampler_train, drop_last=True, **common)
+    loader_val = DataLoader(dataset_val, sampler=sampler_val, drop_last=False, **common)
+    return Loaders(dataset_train, dataset_val, loader_train, loader_val, build_mixup(config))

@@ -1,0 +1,87 @@
+"""Shared fixtures that generate small datasets on disk; nothing is downloaded."""
+
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def write_images(folder: Path, count: int, size: tuple[int, int], fmt: str, seed: int) -> list[Path]:
+    """Write ``count`` random RGB images of ``size`` (width, height) as PNG or JPEG files into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        path = folder / f"img_{i:03d}.{fmt.lower().replace('jpeg', 'jpg')}"
+        Image.fromarray(pixels).save(path, format=fmt)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: an ImageFolder root with train/<class>/ and val/<class>/ of generated images.
+
+    ``counts`` maps each class to its (train, val) image counts.
+    """
+
+    def make(counts: dict[str, tuple[int, int]], size: tuple[int, int] = (40, 30), fmt: str = "PNG",
+             name: str = "folder") -> Path:
+        root = tmp_path / name
+        for seed, (label, (n_train, n_val)) in enumerate(sorted(counts.items())):
+            write_images(root / "train" / label, n_train, size, fmt, seed)
+            write_images(root / "val" / label, n_val, size, fmt, seed + 1000)
+        return root
+
+    return make
+
+
+@pytest.fixture
+def cifar_root(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: a folder holding CIFAR-10 or CIFAR-100 in torchvision's on-disk (python pickle) format.
+
+    ``per_file`` images go into each of the five training batches (CIFAR-10) or the one training file
+    (CIFAR-100), and into the test file; labels cycle through the classes.
+    """
+
+    def make(kind: str = "cifar10", per_file: int = 4) -> Path:
+        root = tmp_path / kind
+        rng = np.random.default_rng(0)
+        if kind == "cifar10":
+            folder, label_key, num_classes = root / "cifar-10-batches-py", "labels", 10
+            files = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+            meta_file, meta = "batches.meta", {"label_names": [f"class{i}" for i in range(10)]}
+        else:
+            folder, label_key, num_classes = root / "cifar-100-python", "fine_labels", 100
+            files = ["train", "test"]
+            meta_file, meta = "meta", {"fine_label_names": [f"class{i:02d}" for i in range(100)]}
+        folder.mkdir(parents=True)
+        for name in files:
+            entry = {
+                "data": rng.integers(0, 256, (per_file, 3 * 32 * 32), dtype=np.uint8),  # rows of R, G, B planes
+                label_key: [i % num_classes for i in range(per_file)],
+            }
+            with open(folder / name, "wb") as f:
+                pickle.dump(entry, f)
+        with open(folder / meta_file, "wb") as f:
+            pickle.dump(meta, f)
+        return root
+
+    return make
+
+
+@pytest.fixture
+def caltech_source(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: a fake 101_ObjectCategories tree with ``counts[class]`` small JPEGs per class folder."""
+
+    def make(counts: dict[str, int], name: str = "101_ObjectCategories") -> Path:
+        root = tmp_path / name
+        for seed, (label, count) in enumerate(sorted(counts.items())):
+            write_images(root / label, count, (12, 10), "JPEG", seed)
+        return root
+
+    return make

@@ -1,0 +1,199 @@
+"""Data: every dataset kind on generated files, transforms, mixup, sharded validation, clear errors."""
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from timm.data import Mixup
+from timm.data.auto_augment import RandAugment
+from timm.data.random_erasing import RandomErasing
+from torchvision import transforms
+
+from config import load_config
+from data import DataError, ShardSampler, build_loader, build_transform, make_demo_digits
+from data.demo import MARKER
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CFG = str(REPO / "configs" / "demo" / "strip_mlp_demo.yaml")
+# Small, worker-free loading for tests; mixing off unless a test turns it on.
+FAST = ["DATA.NUM_WORKERS", "0", "DATA.BATCH_SIZE", "2", "AUG.MIXUP", "0.0", "AUG.CUTMIX", "0.0"]
+
+
+def _config(dataset: str, path: Path, num_classes: int, img_size: int = 32, extra: tuple = ()) -> object:
+    opts = ["DATA.DATASET", dataset, "DATA.DATA_PATH", str(path), "MODEL.NUM_CLASSES", str(num_classes),
+            "DATA.IMG_SIZE", str(img_size), *FAST, *extra]
+    return load_config(DEMO_CFG, opts)
+
+
+@pytest.mark.parametrize("kind", ["imagenet", "caltech101", "folder"])
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_image_folder_kinds_load_both_splits(image_folder: Callable, kind: str, fmt: str) -> None:
+    root = image_folder({"cat": (3, 2), "dog": (4, 1), "eel": (2, 2)}, fmt=fmt)
+    loaders = build_loader(_config(kind, root, 3, img_size=64))
+    assert (len(loaders.dataset_train), len(loaders.dataset_val)) == (9, 5)
+    assert loaders.dataset_train.classes == ["cat", "dog", "eel"]
+    images, labels = next(iter(loaders.loader_train))
+    assert images.shape == (2, 3, 64, 64) and images.dtype == torch.float32
+    assert set(labels.tolist()) <= {0, 1, 2}
+    val_labels = torch.cat([y for _, y in loaders.loader_val])
+    assert sorted(val_labels.tolist()) == [0, 0, 1, 2, 2]
+    assert loaders.mixup_fn is None
+
+
+@pytest.mark.parametrize(("kind", "num_classes", "per_file", "train_size"),
+                         [("cifar10", 10, 4, 20), ("cifar100", 100, 6, 6)])
+def test_cifar_reads_torchvision_pickles_and_resizes(cifar_root: Callable, kind: str, num_classes: int,
+                                                     per_file: int, train_size: int) -> None:
+    root = cifar_root(kind, per_file=per_file)
+    loaders = build_loader(_config(kind, root, num_classes, img_size=64))
+    assert (len(loaders.dataset_train), len(loaders.dataset_val)) == (train_size, per_file)
+    assert len(loaders.dataset_train.classes) == num_classes
+    images, _ = next(iter(loaders.loader_val))
+    assert images.shape == (2, 3, 64, 64)  # 32x32 images resized up to the input size
+    images, _ = next(iter(loaders.loader_train))
+    assert images.shape == (2, 3, 64, 64)
+
+
+def test_missing_cifar_files_are_named(cifar_root: Callable, tmp_path: Path) -> None:
+    root = cifar_root("cifar10")
+    (root / "cifar-10-batches-py" / "test_batch").unlink()
+    with pytest.raises(DataError, match="lacks test_batch; extract cifar-10-python.tar.gz"):
+        build_loader(_config("cifar10", root, 10))
+    with pytest.raises(DataError, match="cifar-100-python lacks train, test, meta"):
+        build_loader(_config("cifar100", tmp_path, 100))
+
+
+def test_class_count_must_match_num_classes(image_folder: Callable) -> None:
+    root = image_folder({"a": (2, 1), "b": (2, 1)})
+    with pytest.raises(DataError, match="holds 2 classes but MODEL.NUM_CLASSES is 5"):
+        build_loader(_config("folder", root, 5))
+
+
+def test_train_and_val_classes_must_agree(image_folder: Callable) -> None:
+    root = image_folder({"a": (2, 1), "b": (2, 1)})
+    (root / "val" / "b").rename(root / "val" / "c")
+    with pytest.raises(DataError, match="different classes"):
+        build_loader(_config("folder", root, 2))
+
+
+def test_missing_and_empty_paths_explain_the_layout(image_folder: Callable, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="is not a folder; set DATA.DATA_PATH"):
+        build_loader(_config("imagenet", tmp_path / "nowhere", 2))
+    root = image_folder({"a": (2, 1), "b": (2, 1)})
+    for image in (root / "val" / "b").iterdir():
+        image.unlink()
+    with pytest.raises(DataError, match=r"Found no valid file for the classes b.*; expected"):
+        build_loader(_config("folder", root, 2))
+    train_only = image_folder({"a": (1, 0)}, name="train_only")
+    shutil.rmtree(train_only / "val")
+    with pytest.raises(DataError, match="val is missing; DATA.DATA_PATH must hold train/<class>/ and val/<class>/"):
+        build_loader(_config("caltech101", train_only, 1))
+
+
+def test_undecodable_image_is_named(image_folder: Callable) -> None:
+    root = image_folder({"a": (2, 2), "b": (2, 2)})
+    broken = root / "val" / "a" / "img_000.png"
+    broken.write_bytes(b"not an image")
+    loaders = build_loader(_config("folder", root, 2))
+    with pytest.raises(DataError, match=f"cannot decode image {broken}"):
+        list(loaders.loader_val)
+
+
+def test_batch_larger_than_a_shard_is_refused(image_folder: Callable) -> None:
+    root = image_folder({"a": (3, 1), "b": (3, 1)})
+    with pytest.raises(DataError, match=r"DATA.BATCH_SIZE 4 is more than the 3 training images each of the 2"):
+        build_loader(_config("folder", root, 2, extra=("DATA.BATCH_SIZE", "4")), rank=0, world_size=2)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("contiguous", [False, True])
+@pytest.mark.parametrize("num_samples", [0, 1, 10, 11])
+def test_validation_shards_cover_every_sample_once(world_size: int, contiguous: bool, num_samples: int) -> None:
+    shards = [list(ShardSampler(num_samples, rank, world_size, contiguous)) for rank in range(world_size)]
+    seen = [index for shard in shards for index in shard]
+    assert sorted(seen) == list(range(num_samples))
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+    assert all(shard == sorted(shard) for shard in shards)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_loaders_over_simulated_ranks(image_folder: Callable, world_size: int) -> None:
+    root = image_folder({"a": (6, 4), "b": (6, 3), "c": (6, 4)})  # 11 val images: shards of unequal size
+    val_paths, train_epochs = [], []
+    for rank in range(world_size):
+        loaders = build_loader(_config("folder", root, 3), rank=rank, world_size=world_size)
+        samples = loaders.dataset_val.samples
+        val_paths += [samples[i][0] for i in loaders.loader_val.sampler]
+        assert sum(len(y) for _, y in loaders.loader_val) == len(loaders.loader_val.sampler)
+        sampler = loaders.loader_train.sampler
+        orders = []
+        for epoch in (0, 1):
+            sampler.set_epoch(epoch)
+            orders.append(list(sampler))
+        train_epochs.append(orders)
+    assert sorted(val_paths) == sorted(path for path, _ in loaders.dataset_val.samples)
+    for epoch in (0, 1):  # training shards are disjoint and cover the set (18 divides by 2 and 3)
+        assert sorted(i for orders in train_epochs for i in orders[epoch]) == list(range(18))
+    assert train_epochs[0][0] != train_epochs[0][1]  # re-shuffled each epoch
+
+
+def test_training_transform_follows_the_release() -> None:
+    config = load_config(str(REPO / "configs" / "imagenet1k" / "strip_mlp_tiny.yaml"))
+    steps = build_transform(True, config).transforms
+    assert steps[0].size == (224, 224) and str(steps[0].interpolation).endswith("BICUBIC")
+    assert any(isinstance(step, RandAugment) for step in steps)
+    erasing = [step for step in steps if isinstance(step, RandomErasing)]
+    assert erasing and erasing[0].probability == 0.25 and erasing[0].mode == "pixel"
+    assert any(isinstance(step, transforms.RandomHorizontalFlip) for step in steps)
+
+
+def test_evaluation_transform_resizes_then_centre_crops(tmp_path: Path) -> None:
+    config = load_config(str(REPO / "configs" / "imagenet1k" / "strip_mlp_tiny.yaml"))
+    steps = build_transform(False, config).transforms
+    assert isinstance(steps[0], transforms.Resize) and steps[0].size == 256
+    assert isinstance(steps[1], transforms.CenterCrop) and steps[1].size == (224, 224)
+    no_crop = load_config(str(REPO / "configs" / "imagenet1k" / "strip_mlp_tiny.yaml"), ["TEST.CROP", "False"])
+    assert build_transform(False, no_crop).transforms[0].size == (224, 224)
+
+
+def test_mixup_follows_the_aug_keys(image_folder: Callable) -> None:
+    root = image_folder({"a": (2, 1), "b": (2, 1)})
+    mixed = build_loader(_config("folder", root, 2, extra=("AUG.MIXUP", "0.8", "AUG.CUTMIX", "1.0")))
+    assert isinstance(mixed.mixup_fn, Mixup)
+    assert mixed.mixup_fn.label_smoothing == 0.1 and mixed.mixup_fn.num_classes == 2
+    images, targets = mixed.mixup_fn(*next(iter(mixed.loader_train)))
+    assert targets.shape == (2, 2) and torch.allclose(targets.sum(1), torch.ones(2))
+    cutmix_box = build_loader(_config("folder", root, 2, extra=("AUG.CUTMIX_MINMAX", "[0.3, 0.7]")))
+    assert cutmix_box.mixup_fn is not None
+
+
+def test_demo_dataset_is_made_once_and_reused(tmp_path: Path) -> None:
+    dst = tmp_path / "digits"
+    assert make_demo_digits(str(dst)) is True
+    train = sorted(p.relative_to(dst) for p in (dst / "train").rglob("*.png"))
+    val = sorted(p.relative_to(dst) for p in (dst / "val").rglob("*.png"))
+    assert len(train) + len(val) == 1797 and len(train) == sum(int(n * 0.8) for n in
+                                                               (178, 182, 177, 183, 181, 182, 181, 179, 174, 180))
+    assert not {p.name for p in train} & {p.name for p in val}
+    stamp = (dst / MARKER).stat().st_mtime_ns
+    assert make_demo_digits(str(dst)) is False and (dst / MARKER).stat().st_mtime_ns == stamp
+    with pytest.raises(DataError, match="made with"):
+        make_demo_digits(str(dst), seed=1)
+
+
+def test_demo_refuses_a_foreign_folder(tmp_path: Path) -> None:
+    (tmp_path / "mine.txt").write_text("user data")
+    with pytest.raises(DataError, match="is not a demo dataset"):
+        make_demo_digits(str(tmp_path))
+    assert (tmp_path / "mine.txt").read_text() == "user data"
+
+
+def test_demo_config_makes_its_data_on_first_use(tmp_path: Path) -> None:
+    config = load_config(DEMO_CFG, ["DATA.DATA_PATH", str(tmp_path / "demo"), "DATA.NUM_WORKERS", "0"])
+    loaders = build_loader(config)
+    assert len(loaders.dataset_train) + len(loaders.dataset_val) == 1797
+    images, labels = next(iter(loaders.loader_train))
+    assert images.shape == (config.DATA.BATCH_SIZE, 3, 32, 32)
+    assert loaders.mixup_fn is None
