@@ -1,0 +1,249 @@
+"""The training epoch, validation and throughput measurement, each returning a dict of metrics.
+
+Mixed precision, distributed training and EMA are one code path each, switched by their settings:
+autocast is always entered (``enabled=`` decides), the gradient scaler is a no-op unless the dtype is
+float16, and DDP's ``no_sync`` is used only on accumulation micro-steps of a distributed model.
+"""
+
+import contextlib
+import datetime
+import logging
+import math
+import resource
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.scheduler.scheduler import Scheduler
+from timm.utils import ModelEmaV3
+from torch import nn
+
+from logger import ProgressLine
+from utils import DistEnv, RunError, all_reduce_sum, unwrap_model
+
+
+class NonFiniteLossError(RunError):
+    """The loss became NaN or infinite; training stops before the bad step touches the weights."""
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """How each step runs: device and precision, accumulation, clipping, logging cadence."""
+
+    env: DistEnv
+    amp_enabled: bool
+    amp_dtype: torch.dtype
+    channels_last: bool
+    accumulation_steps: int
+    clip_grad: float
+    print_freq: int
+    epochs: int
+
+
+@dataclass
+class TrainState:
+    """What an optimiser update changes; everything here is saved in a checkpoint.
+
+    ``model`` is what the forward pass calls (possibly wrapped by DDP and torch.compile); the weights live
+    in ``unwrap_model(model)``.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Scheduler
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    ema: ModelEmaV3 | None = None
+    global_step: int = 0
+
+
+def _no_sync(model: nn.Module, skip_sync: bool) -> contextlib.AbstractContextManager:
+    """DDP's ``no_sync`` when ``skip_sync`` (an accumulation micro-step), so only the last micro-step all-reduces."""
+    inner = getattr(model, "_orig_mod", model)  # torch.compile wraps DDP; no_sync lives on the DDP module
+    if skip_sync and isinstance(inner, nn.parallel.DistributedDataParallel):
+        return inner.no_sync()
+    return contextlib.nullcontext()
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work so that wall-clock timings are real."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: allocated device memory on CUDA, the resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _to_device(images: torch.Tensor, targets: torch.Tensor, settings: StepSettings
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    device = settings.env.device
+    memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
+    images = images.to(device, non_blocking=True, memory_format=memory_format)
+    return images, targets.to(device, non_blocking=True)
+
+
+def _optimizer_update(state: TrainState, settings: StepSettings) -> float:
+    """Clip the accumulated gradient once and step; returns the gradient norm before clipping.
+
+    Gradients are unscaled first so the norm and the clipping threshold are in true units under float16.
+    """
+    state.scaler.unscale_(state.optimizer)
+    max_norm = settings.clip_grad if settings.clip_grad > 0 else math.inf
+    grad_norm = nn.utils.clip_grad_norm_(unwrap_model(state.model).parameters(), max_norm)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.optimizer.zero_grad(set_to_none=True)
+    return grad_norm.item()
+
+
+def train_one_epoch(
+        state: TrainState,
+        loader: Iterable,
+        epoch: int,
+        settings: StepSettings,
+        logger: logging.Logger,
+        mixup_fn: Callable | None = None,
+) -> dict[str, float]:
+    """Train for one pass over ``loader``; returns mean loss, mean gradient norm, last lr and time.
+
+    Micro-batches are grouped into optimiser updates of ``accumulation_steps``; the last group of an
+    epoch may be shorter and still makes an update. Each micro-batch's loss is divided by the size of its
+    own group, so an update's gradient is the mean over the images of its group.
+
+    Raises:
+        NonFiniteLossError: the loss is NaN or infinite (checked before its backward pass).
+    """
+    model, device = state.model, settings.env.device
+    model.train()
+    state.optimizer.zero_grad(set_to_none=True)
+    num_steps = len(loader)
+    accumulation = settings.accumulation_steps
+    loss_sum = samples = 0.0
+    grad_norm_sum, updates = 0.0, 0
+    grad_norm = math.nan
+    progress = ProgressLine(settings.env.is_main)
+    start = end = time.time()
+    step_time_sum = 0.0
+    for step, (images, targets) in enumerate(loader):
+        images, targets = _to_device(images, targets, settings)
+        if mixup_fn is not None:
+            images, targets = mixup_fn(images, targets)
+        group_start = step - step % accumulation
+        group_size = min(accumulation, num_steps - group_start)
+        is_update = step == group_start + group_size - 1
+
+        with _no_sync(model, skip_sync=not is_update):
+            with torch.autocast(device.type, dtype=settings.amp_dtype, enabled=settings.amp_enabled):
+                outputs = model(images)
+                loss = state.criterion(outputs, targets)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise NonFiniteLossError(
+                    f"loss is {loss_value} at epoch {epoch} step {step}/{num_steps} (optimiser update "
+                    f"{state.global_step}); training stopped, checkpoints already written are intact; "
+                    "lower TRAIN.BASE_LR, set TRAIN.CLIP_GRAD, or use AMP.DTYPE bfloat16")
+            state.scaler.scale(loss / group_size).backward()
+
+        lr = state.optimizer.param_groups[0]["lr"]  # the rate this update uses, before the schedule moves on
+        if is_update:
+            grad_norm = _optimizer_update(state, settings)
+            state.global_step += 1
+            state.scheduler.step_update(state.global_step)
+            if state.ema is not None:
+                state.ema.update(unwrap_model(model), step=state.global_step)
+            grad_norm_sum += grad_norm
+            updates += 1
+
+        batch = images.shape[0]
+        loss_sum += loss_value * batch
+        samples += batch
+        now = time.time()
+        step_time_sum += now - end
+        end = now
+        mean_step = step_time_sum / (step + 1)
+        eta = datetime.timedelta(seconds=int(mean_step * (num_steps - step - 1)))
+        line = (f"Train: [{epoch}/{settings.epochs}][{step}/{num_steps}]  eta {eta}  lr {lr:.6f}  "
+                f"time {now - start:.1f}s ({mean_step:.4f}s/step)  loss {loss_value:.4f} ({loss_sum / samples:.4f})  "
+                f"grad_norm {grad_norm:.4f}  mem {peak_memory_mb(device):.0f}MB")
+        progress.update(line)
+        if step % settings.print_freq == 0 or step == num_steps - 1:
+            progress.clear()
+            logger.info(line)
+
+    progress.clear()
+    # Exact means over all ranks: sums of losses, samples, gradient norms and updates.
+    totals = all_reduce_sum(torch.tensor([loss_sum, samples, grad_norm_sum, updates], dtype=torch.float64,
+                                         device=device), settings.env).tolist()
+    epoch_time = time.time() - start
+    logger.info(f"EPOCH {epoch} training takes {datetime.timedelta(seconds=int(epoch_time))}")
+    return {
+        "train_loss": totals[0] / max(totals[1], 1),
+        "grad_norm": totals[2] / max(totals[3], 1),
+        "lr": state.optimizer.param_groups[0]["lr"],
+        "epoch_time": epoch_time,
+    }
+
+
+@torch.no_grad()
+def validate(model: nn.Module, loader: Iterable, settings: StepSettings, logger: logging.Logger) -> dict[str, float]:
+    """Top-1/top-5 accuracy (%) and mean cross-entropy over the whole validation set.
+
+    Each rank counts correct predictions, loss and images of its own shard; the counts are summed across
+    ranks, so the result equals a single-process evaluation exactly (the validation shards cover each
+    image once). Counting correct predictions directly (not averaging per-batch percentages) keeps them
+    integers.
+    """
+    model.eval()
+    device = settings.env.device
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 correct, top-5 correct, images
+    for images, targets in loader:
+        images, targets = _to_device(images, targets, settings)
+        with torch.autocast(device.type, dtype=settings.amp_dtype, enabled=settings.amp_enabled):
+            outputs = model(images)
+        outputs = outputs.float()
+        top = outputs.topk(min(5, outputs.shape[1]), dim=1).indices  # (B, k)
+        correct = top.eq(targets[:, None])  # (B, k)
+        sums += torch.stack([
+            F.cross_entropy(outputs, targets, reduction="sum").double(),
+            correct[:, :1].sum().double(),
+            correct.sum().double(),
+            torch.tensor(float(targets.shape[0]), dtype=torch.float64, device=device),
+        ])
+    loss_sum, correct1, correct5, count = all_reduce_sum(sums, settings.env).tolist()
+    if count == 0:
+        raise ValueError("the validation set is empty; check DATA.DATA_PATH")
+    metrics = {"acc1": 100.0 * correct1 / count, "acc5": 100.0 * correct5 / count, "loss": loss_sum / count,
+               "images": int(count)}
+    logger.info(f" * Acc@1 {metrics['acc1']:.3f} Acc@5 {metrics['acc5']:.3f}")
+    logger.info(f"validation loss {metrics['loss']:.4f} over {metrics['images']} images")
+    return metrics
+
+
+@torch.no_grad()
+def throughput(model: nn.Module, images: torch.Tensor, settings: StepSettings, logger: logging.Logger,
+               warmup: int = 50, iterations: int = 30) -> dict[str, float]:
+    """Images per second of the forward pass on one batch, after ``warmup`` untimed passes.
+
+    The device is synchronised before and after the timed passes so queued kernels are counted.
+    """
+    model.eval()
+    device = settings.env.device
+    images, _ = _to_device(images, torch.zeros(0), settings)
+    with torch.autocast(device.type, dtype=settings.amp_dtype, enabled=settings.amp_enabled):
+        for _ in range(warmup):
+            model(images)
+        synchronize(device)
+        start = time.time()
+        for _ in range(iterations):
+            model(images)
+        synchronize(device)
+    elapsed = time.time() - start
+    rate = iterations * images.shape[0] / elapsed
+    logger.info(f"batch_size {images.shape[0]} throughput {rate:.1f} images/s")
+    return {"images_per_s": rate, "batch_size": images.shape[0]}

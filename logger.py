@@ -1,0 +1,110 @@
+"""Logging of a run: a coloured console on rank 0, a file per rank, and one JSON row per epoch.
+
+Loggers are built as plain ``logging.Logger`` objects (not taken from the global registry) and passed
+around explicitly, so two runs in one process (the tests) never share handlers.
+"""
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from termcolor import colored
+
+FILE_FORMAT = "[%(asctime)s %(name)s] (%(filename)s %(lineno)d): %(levelname)s %(message)s"
+DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+
+class _ColourFormatter(logging.Formatter):
+    """Green time and name, and the level in red/yellow when it is a warning or an error."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        head = colored(f"[{self.formatTime(record, DATE_FORMAT)} {record.name}]", "green")
+        if record.levelno >= logging.ERROR:
+            return f"{head} {colored(record.levelname, 'red')} {record.getMessage()}"
+        if record.levelno >= logging.WARNING:
+            return f"{head} {colored(record.levelname, 'yellow')} {record.getMessage()}"
+        return f"{head} {record.getMessage()}"
+
+
+def create_logger(output_dir: Path, rank: int, name: str, console: TextIO | None = None) -> logging.Logger:
+    """A logger writing to ``output_dir/log_rank<rank>.txt``, and on rank 0 also to the console.
+
+    Args:
+        output_dir: The run's output folder (created if needed).
+        rank: The process's rank; only rank 0 prints so that N processes do not print N copies.
+        name: Shown in every line (the model name).
+        console: The console stream (stdout by default).
+    """
+    output_dir.mkdir(parents=True, exist_ok=True)
+    logger = logging.Logger(name, level=logging.DEBUG)
+    if rank == 0:
+        handler = logging.StreamHandler(console or sys.stdout)
+        handler.setLevel(logging.INFO)
+        handler.setFormatter(_ColourFormatter())
+        logger.addHandler(handler)
+    file_handler = logging.FileHandler(output_dir / f"log_rank{rank}.txt", mode="a")
+    file_handler.setLevel(logging.DEBUG)
+    file_handler.setFormatter(logging.Formatter(FILE_FORMAT, datefmt=DATE_FORMAT))
+    logger.addHandler(file_handler)
+    return logger
+
+
+def close_logger(logger: logging.Logger) -> None:
+    """Flush and detach every handler (files closed) so that the output folder can be reused in-process."""
+    for handler in list(logger.handlers):
+        handler.close()
+        logger.removeHandler(handler)
+
+
+class ProgressLine:
+    """A live, self-overwriting status line, shown only when the stream is a terminal (never in log files)."""
+
+    def __init__(self, enabled: bool, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled = enabled and self.stream.isatty()
+
+    def update(self, text: str) -> None:
+        if self.enabled:
+            self.stream.write("\r" + text[:150].ljust(150))
+            self.stream.flush()
+
+    def clear(self) -> None:
+        if self.enabled:
+            self.stream.write("\r" + " " * 150 + "\r")
+            self.stream.flush()
+
+
+class MetricsLog:
+    """One JSON row per epoch in ``metrics.jsonl``, mirrored to TensorBoard when it is installed.
+
+    Only rank 0 keeps this log; other ranks get a disabled instance so callers need no rank checks.
+    """
+
+    def __init__(self, output_dir: Path, enabled: bool) -> None:
+        self.path = output_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.tensorboard = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional; the JSON rows hold the same numbers
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self.tensorboard = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tensorboard is not None:
+            for key, value in row.items():
+                if key != "epoch" and isinstance(value, int | float):
+                    self.tensorboard.add_scalar(key, value, row["epoch"])
+            self.tensorboard.flush()
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()

@@ -1,0 +1,154 @@
+"""Checkpoint files: atomic writes, weights-only loading, auto-resume choice, pruning, fitting weights."""
+
+import logging
+import os
+import pickle
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import utils
+from models import StripMLPNet
+from utils import (
+    CheckpointError,
+    find_resume_checkpoint,
+    fit_state_dict,
+    load_checkpoint_file,
+    load_pretrained,
+    prune_checkpoints,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+
+GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "spec" / "golden_strip_mlp_e40.pt"
+
+
+class Evil:
+    """Unpickling this runs a shell command; a safe loader must refuse it before that happens."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.fixture
+def logger() -> logging.Logger:
+    return logging.Logger("test")
+
+
+def tiny(num_classes: int = 3) -> StripMLPNet:
+    return StripMLPNet(img_size=32, num_classes=num_classes, embed_dim=8, layers=(1, 1, 1, 1))
+
+
+def test_save_is_atomic_and_a_failed_write_keeps_the_old_file(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "latest.pth"
+    save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
+
+    def crash_mid_write(obj, f) -> None:
+        f.write(b"PK\x03\x04 half a zip")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(utils.torch, "save", crash_mid_write)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint({"epoch": 2, "w": torch.zeros(3)}, path)
+    assert load_checkpoint_file(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["latest.pth"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("zipped", [True, False], ids=["torch.save", "raw-pickle"])
+def test_malicious_pickle_is_refused_and_does_not_run(tmp_path: Path, zipped: bool) -> None:
+    marker, path = tmp_path / "pwned", tmp_path / "evil.pth"
+    payload = {"model": {"w": torch.ones(1)}, "extra": Evil(marker)}
+    if zipped:
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload, protocol=2))
+    with pytest.raises(CheckpointError, match="refusing .*evil.pth: it holds objects other than tensors"):
+        load_checkpoint_file(path)
+    assert not marker.exists()
+
+
+def test_truncated_and_missing_files_are_reported(tmp_path: Path) -> None:
+    path = tmp_path / "ckpt_epoch_0.pth"
+    save_checkpoint({"w": torch.randn(1000)}, path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint_file(path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint_file(tmp_path / "nope.pth")
+
+
+def test_auto_resume_skips_a_truncated_newest_checkpoint(tmp_path: Path, caplog) -> None:
+    logger = logging.getLogger("resume-test")
+    for epoch in range(3):
+        save_checkpoint({"epoch": epoch}, tmp_path / f"ckpt_epoch_{epoch}.pth")
+    save_checkpoint({"epoch": 2}, tmp_path / "latest.pth")
+    save_checkpoint({"epoch": 99}, tmp_path / "best.pth")  # never a resume candidate
+    (tmp_path / "latest.pth.tmp").write_bytes(b"left by a killed write")  # ignored
+    latest = tmp_path / "latest.pth"
+    latest.write_bytes(latest.read_bytes()[:100])
+    newest = tmp_path / "ckpt_epoch_2.pth"
+    newest.write_bytes(newest.read_bytes()[:-10])
+    os.utime(latest, ns=(newest.stat().st_mtime_ns + 10**9,) * 2)
+    with caplog.at_level(logging.WARNING, logger="resume-test"):
+        path, checkpoint = find_resume_checkpoint(tmp_path, logger)
+    assert path.name == "ckpt_epoch_1.pth" and checkpoint["epoch"] == 1
+    assert "skips latest.pth" in caplog.text and "skips ckpt_epoch_2.pth" in caplog.text
+    assert find_resume_checkpoint(tmp_path / "empty", logger) is None
+
+
+def test_prune_keeps_the_newest_epochs(tmp_path: Path) -> None:
+    for epoch in (0, 5, 10, 15):
+        save_checkpoint({"epoch": epoch}, tmp_path / f"ckpt_epoch_{epoch}.pth")
+    save_checkpoint({}, tmp_path / "best.pth")
+    assert prune_checkpoints(tmp_path, keep=0) == []
+    removed = prune_checkpoints(tmp_path, keep=2)
+    assert sorted(p.name for p in removed) == ["ckpt_epoch_0.pth", "ckpt_epoch_5.pth"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pth", "ckpt_epoch_10.pth", "ckpt_epoch_15.pth"]
+
+
+def test_rng_state_round_trips_through_a_weights_only_file(tmp_path: Path) -> None:
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    save_checkpoint({"rng": rng_state()}, tmp_path / "rng.pth")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
+    set_rng_state(load_checkpoint_file(tmp_path / "rng.pth")["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_release_checkpoint_loads_and_a_mismatched_one_is_refused(tmp_path: Path) -> None:
+    if not GOLDEN.exists():
+        pytest.skip(f"golden file not found at {GOLDEN}")
+    golden = torch.load(GOLDEN, weights_only=True)
+    cfg = golden["config"]
+    model = StripMLPNet(img_size=cfg["img_size"], num_classes=cfg["num_classes"], embed_dim=cfg["embed_dim"],
+                        layers=tuple(cfg["layers"]), alpha=cfg["alpha"]).eval()
+    release = {"model": {f"module.{k}": v for k, v in golden["state_dict"].items()}}
+    model.load_state_dict(fit_state_dict(release, model, "release.pth"))
+    with torch.no_grad():
+        logits = model(golden["input"])
+    assert torch.allclose(logits, golden["logits"], atol=1e-4 * golden["logits"].abs().max().item())
+
+    other = StripMLPNet(img_size=64, num_classes=7, embed_dim=48, layers=(1, 1, 2, 1))
+    with pytest.raises(CheckpointError, match=r"release.pth: .*mismatches.*patch_embed.weight: checkpoint "
+                                              r"\(40, 3, 4, 4\) vs model \(48, 3, 4, 4\)"):
+        fit_state_dict(release, other, "release.pth")
+
+
+def test_pretrained_with_another_class_count_keeps_a_fresh_head(tmp_path: Path, logger: logging.Logger) -> None:
+    source = tiny(num_classes=5)
+    save_checkpoint({"model": source.state_dict()}, tmp_path / "pre.pth")
+    target = tiny(num_classes=3)
+    fresh_head = target.head.weight.clone()
+    assert load_pretrained(target, tmp_path / "pre.pth", logger) == ["head.bias", "head.weight"]
+    assert torch.equal(target.head.weight, fresh_head)
+    assert torch.equal(target.patch_embed.weight, source.patch_embed.weight)
+    with pytest.raises(CheckpointError, match="missing|vs model"):
+        load_pretrained(StripMLPNet(img_size=64, num_classes=3, embed_dim=8, layers=(1, 1, 1, 1)),
+                        tmp_path / "pre.pth", logger)

@@ -1,0 +1,160 @@
+"""The epoch loop, validation and throughput on hand-made batches and small models."""
+
+import copy
+import logging
+import math
+
+import pytest
+import torch
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
+from torch import nn
+
+from engine import NonFiniteLossError, StepSettings, TrainState, throughput, train_one_epoch, validate
+from models import StripMLPNet
+from utils import DistEnv
+
+LOGGER = logging.Logger("engine-test")
+CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def settings(accumulation: int = 1, clip_grad: float = 0.0, amp_dtype: torch.dtype | None = None) -> StepSettings:
+    return StepSettings(env=CPU, amp_enabled=amp_dtype is not None, amp_dtype=amp_dtype or torch.bfloat16,
+                        channels_last=False, accumulation_steps=accumulation, clip_grad=clip_grad, print_freq=1,
+                        epochs=1)
+
+
+def linear_model() -> nn.Module:
+    """Without BatchNorm, a gradient over a batch is exactly the mean of the gradients over its parts."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.GELU(), nn.Linear(16, 4))
+
+
+def make_state(model: nn.Module, optimizer_cls=torch.optim.AdamW, fp16: bool = False, ema: bool = False
+               ) -> TrainState:
+    optimizer = optimizer_cls(model.parameters(), lr=0.05)
+    return TrainState(
+        model=model,
+        optimizer=optimizer,
+        scheduler=CosineLRScheduler(optimizer, t_initial=100, t_in_epochs=False),
+        scaler=torch.amp.GradScaler("cpu", enabled=fp16),
+        criterion=nn.CrossEntropyLoss(),
+        ema=ModelEmaV3(model, decay=0.5) if ema else None,
+    )
+
+
+def batches(count: int, size: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 3, 2, 2, generator=generator), torch.randint(0, 4, (size,), generator=generator))
+            for _ in range(count)]
+
+
+def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def assert_same_weights(a: nn.Module, b: nn.Module) -> None:
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_accumulated_micro_batches_equal_one_large_batch_with_clipping() -> None:
+    data = batches(8, size=2)
+    accumulated, whole = make_state(linear_model()), make_state(linear_model())
+    # A threshold far below the gradient norm: clipping each micro-batch instead of the sum would differ.
+    stats = train_one_epoch(accumulated, data, 0, settings(accumulation=4, clip_grad=0.01), LOGGER)
+    train_one_epoch(whole, [merge(data[:4]), merge(data[4:])], 0, settings(clip_grad=0.01), LOGGER)
+    assert accumulated.global_step == whole.global_step == 2
+    assert stats["grad_norm"] > 0.01
+    assert_same_weights(accumulated.model, whole.model)
+
+
+def test_last_incomplete_group_still_updates_with_its_own_mean() -> None:
+    data = batches(5, size=2)
+    accumulated, reference = make_state(linear_model()), make_state(linear_model())
+    train_one_epoch(accumulated, data, 0, settings(accumulation=2), LOGGER)
+    train_one_epoch(reference, [merge(data[0:2]), merge(data[2:4]), data[4]], 0, settings(), LOGGER)
+    assert accumulated.global_step == 3
+    assert_same_weights(accumulated.model, reference.model)
+
+
+def test_schedule_steps_once_per_update() -> None:
+    state = make_state(linear_model())
+    seen = []
+    state.scheduler.step_update = seen.append
+    train_one_epoch(state, batches(7, size=2), 0, settings(accumulation=3), LOGGER)
+    assert seen == [1, 2, 3]
+
+
+class NaNOnMarker(nn.Module):
+    """A linear model whose output turns NaN for an input batch that starts with +inf."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = linear_model()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.body(x)
+        return out * torch.nan if torch.isinf(x.flatten()[0]) else out
+
+
+def test_nan_loss_stops_naming_the_step_before_touching_the_weights() -> None:
+    data = batches(3, size=2)
+    data[1][0][0, 0, 0, 0] = math.inf
+    state = make_state(NaNOnMarker())
+    after_first = make_state(NaNOnMarker())
+    train_one_epoch(after_first, data[:1], 4, settings(), LOGGER)
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at epoch 4 step 1/3 \(optimiser update 1\)"):
+        train_one_epoch(state, data, 4, settings(), LOGGER)
+    assert_same_weights(state.model, after_first.model)
+
+
+def test_ema_follows_the_model() -> None:
+    state = make_state(linear_model(), ema=True)
+    start = copy.deepcopy(state.ema.module)
+    train_one_epoch(state, batches(4, size=2), 0, settings(), LOGGER)
+    ema_weight, start_weight = state.ema.module[1].weight, start[1].weight
+    assert not torch.equal(ema_weight, start_weight)
+    # decay 0.5 lags behind the model: strictly between the start and the trained weights on average
+    model_weight = state.model[1].weight
+    assert (ema_weight - model_weight).abs().mean() < (start_weight - model_weight).abs().mean()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16-scaled"])
+def test_mixed_precision_trains_on_cpu(dtype: torch.dtype) -> None:
+    model = StripMLPNet(img_size=32, num_classes=4, embed_dim=8, layers=(1, 1, 1, 1))
+    state = make_state(model, fp16=dtype == torch.float16)
+    generator = torch.Generator().manual_seed(0)
+    data = [(torch.randn(4, 3, 32, 32, generator=generator), torch.randint(0, 4, (4,), generator=generator))] * 2
+    before = copy.deepcopy(model.state_dict())
+    stats = train_one_epoch(state, data, 0, settings(amp_dtype=dtype), LOGGER)
+    assert math.isfinite(stats["train_loss"]) and state.global_step == 2
+    assert state.scaler.is_enabled() == (dtype == torch.float16)
+    assert not torch.equal(before["head.weight"], model.head.weight)
+
+
+class Logits(nn.Module):
+    """Returns its input: the 'images' of the validation batches are the logits."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def test_validate_counts_exactly() -> None:
+    logits = torch.tensor([[9.0, 1, 2, 3, 4, 5], [1, 9, 2, 3, 4, 5], [5, 4, 3, 2, 1, 9], [0, 1, 2, 3, 4, 5.0],
+                           [3, 2, 9, 1, 0, 0]])
+    # Target ranks per row: 1st, 6th, 3rd, 6th, 1st -> top-1 right for rows 0 and 4, top-5 also for row 2.
+    targets = torch.tensor([0, 0, 1, 0, 2])
+    loader = [(logits[:2], targets[:2]), (logits[2:], targets[2:])]
+    metrics = validate(Logits(), loader, settings(), LOGGER)
+    assert metrics["images"] == 5
+    assert metrics["acc1"] == pytest.approx(100 * 2 / 5)
+    assert metrics["acc5"] == pytest.approx(100 * 3 / 5)
+    assert metrics["loss"] == pytest.approx(nn.functional.cross_entropy(logits, targets).item())
+
+
+def test_throughput_measures_images_per_second() -> None:
+    model = StripMLPNet(img_size=32, num_classes=4, embed_dim=8, layers=(1, 1, 1, 1))
+    result = throughput(model, torch.randn(2, 3, 32, 32), settings(), LOGGER, warmup=1, iterations=2)
+    assert result["images_per_s"] > 0 and result["batch_size"] == 2
+    assert not model.training
