@@ -1,0 +1,251 @@
+"""main.py end to end on generated images: train, evaluate, resume exactly, survive SIGKILL, refuse bad input."""
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from run_helpers import REPO, SPEC, launch, load_weights, run_dir, write_config, write_image_folder
+
+import engine
+import main
+from config import load_config
+from data import build_loader
+from models import StripMLPNet
+from utils import load_checkpoint_file, save_checkpoint
+
+# Resume runs: EMA, accumulation (6 micro-batches -> 3 updates per epoch), mixup/cutmix, RandAugment and drop
+# path all on, so every source of randomness and every piece of saved state takes part.
+RESUME_EXTRA = {"TRAIN": {"EPOCHS": 3, "ACCUMULATION_STEPS": 2, "EMA": {"ENABLE": True, "DECAY": 0.9}}}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="module")
+def trained(images: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The output folder of a 2-epoch in-process run."""
+    root = tmp_path_factory.mktemp("trained")
+    config = write_config(root / "config.yaml", images, root / "out")
+    assert main.main(["--cfg", str(config)]) == 0
+    return run_dir(root / "out")
+
+
+def test_train_two_epochs_writes_checkpoints_and_logs(trained: Path) -> None:
+    names = {p.name for p in trained.iterdir()}
+    assert {"ckpt_epoch_0.pth", "ckpt_epoch_1.pth", "latest.pth", "best.pth", "config.yaml", "log_rank0.txt",
+            "metrics.jsonl"} <= names
+    assert not any(name.endswith(".tmp") for name in names)
+    rows = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [0, 1]
+    assert {"train_loss", "val_loss", "acc1", "acc5", "lr", "epoch_time", "grad_norm"} <= set(rows[0])
+    checkpoint = load_checkpoint_file(trained / "latest.pth")
+    assert checkpoint["epoch"] == 1 and checkpoint["global_step"] == 12
+    assert "TRAIN:" in checkpoint["config"] and checkpoint["max_accuracy"] == max(r["acc1"] for r in rows)
+    log = (trained / "log_rank0.txt").read_text()
+    assert "learning rates (none scaling, x1): base 0.001, warm-up 1e-05, min 1e-05" in log
+    assert "eta" in log and "grad_norm" in log and "mem" in log
+
+
+def test_eval_of_a_checkpoint_prints_the_release_summary(trained: Path, capsys) -> None:
+    config = trained / "config.yaml"
+    assert main.main(["--cfg", str(config), "--eval", "--resume", str(trained / "latest.pth"), "--tag", "eval"]) == 0
+    last = json.loads((trained / "metrics.jsonl").read_text().splitlines()[-1])
+    assert f" * Acc@1 {last['acc1']:.3f} Acc@5 {last['acc5']:.3f}" in capsys.readouterr().out
+
+
+def test_eval_without_a_checkpoint_is_an_error(trained: Path, capsys) -> None:
+    assert main.main(["--cfg", str(trained / "config.yaml"), "--eval", "--tag", "eval2"]) == 1
+    assert "--eval needs weights to evaluate" in capsys.readouterr().out
+
+
+def test_throughput_mode(trained: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(main, "throughput", functools.partial(engine.throughput, warmup=2, iterations=3))
+    assert main.main(["--cfg", str(trained / "config.yaml"), "--throughput", "--tag", "speed"]) == 0
+    assert "images/s" in capsys.readouterr().out
+
+
+def test_existing_checkpoints_are_never_overwritten_by_a_fresh_run(trained: Path, capsys) -> None:
+    before = {p.name: p.stat().st_mtime_ns for p in trained.glob("*.pth")}
+    config = trained / "config.yaml"  # its OUTPUT is already OUTPUT/NAME/TAG: --output names the root again
+    output_root = trained.parents[1]
+    code = main.main(["--cfg", str(config), "--output", str(output_root), "--tag", "run",
+                      "--opts", "TRAIN.AUTO_RESUME", "False"])
+    assert code == 1
+    assert "already holds checkpoints and TRAIN.AUTO_RESUME is off" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in trained.glob("*.pth")} == before
+
+
+def test_resume_from_epoch_one_equals_two_epochs_straight(trained: Path, images: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "config.yaml", images, tmp_path / "out")
+    code = main.main(["--cfg", str(config), "--resume", str(trained / "ckpt_epoch_0.pth")])
+    assert code == 0
+    resumed = load_checkpoint_file(run_dir(tmp_path / "out") / "latest.pth")
+    straight = load_checkpoint_file(trained / "latest.pth")
+    assert resumed["epoch"] == straight["epoch"] == 1
+    for name, weight in straight["model"].items():
+        assert torch.equal(weight, resumed["model"][name]), name
+    for i, state in straight["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, resumed["optimizer"]["state"][i][key]), (i, key)
+    assert resumed["optimizer"]["param_groups"][0]["lr"] == straight["optimizer"]["param_groups"][0]["lr"]
+    assert resumed["global_step"] == straight["global_step"]
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_earlier_checkpoints(images: Path, tmp_path: Path, capsys) -> None:
+    # A step schedule that multiplies the rate by 1e30 after epoch 0: epoch 0 trains, epoch 1 explodes.
+    config = write_config(tmp_path / "config.yaml", images, tmp_path / "out", {"TRAIN": {
+        "WARMUP_EPOCHS": 0, "LR_SCHEDULER": {"NAME": "step", "DECAY_EPOCHS": 1, "DECAY_RATE": 1e30}}})
+    assert main.main(["--cfg", str(config)]) == 1
+    assert "ERROR loss is nan at epoch 1 step" in capsys.readouterr().out.replace("\x1b[31m", "").replace("\x1b[0m", "")
+    out = run_dir(tmp_path / "out")
+    assert load_checkpoint_file(out / "latest.pth")["epoch"] == 0
+    assert sorted(p.name for p in out.glob("*.pth")) == ["best.pth", "ckpt_epoch_0.pth", "latest.pth"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Release-format checkpoints and refusals
+
+
+@pytest.fixture(scope="module")
+def golden_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    """A release-format checkpoint of the golden model, 10-class 64 px images and a config for both."""
+    golden_file = SPEC / "golden_strip_mlp_e40.pt"
+    if not golden_file.exists():
+        pytest.skip(f"golden file not found at {golden_file}")
+    golden = torch.load(golden_file, weights_only=True)
+    root = tmp_path_factory.mktemp("golden")
+    data = write_image_folder(root / "images", classes=10, train_per_class=1, val_per_class=2, size=64)
+    save_checkpoint({"model": golden["state_dict"], "epoch": 299}, root / "release.pth")
+    cfg = golden["config"]
+    config = write_config(root / "config.yaml", data, root / "out", {
+        "DATA": {"IMG_SIZE": cfg["img_size"]},
+        "MODEL": {"NUM_CLASSES": cfg["num_classes"],
+                  "STRIP_MLP": {"EMBED_DIM": cfg["embed_dim"], "LAYERS": cfg["layers"], "ALPHA": cfg["alpha"]}},
+    })
+    return config, root, golden
+
+
+def test_release_checkpoint_evaluates(golden_setup, capsys) -> None:
+    config_path, root, golden = golden_setup
+    assert main.main(["--cfg", str(config_path), "--eval", "--resume", str(root / "release.pth")]) == 0
+    summary = [line for line in capsys.readouterr().out.splitlines() if " * Acc@1 " in line][-1]
+    # The same numbers computed directly with the golden weights on the same validation images.
+    config = load_config(str(config_path))
+    val_loader = build_loader(config).loader_val
+    cfg = golden["config"]
+    model = StripMLPNet(img_size=cfg["img_size"], num_classes=cfg["num_classes"], embed_dim=cfg["embed_dim"],
+                        layers=tuple(cfg["layers"]), alpha=cfg["alpha"]).eval()
+    model.load_state_dict(golden["state_dict"])
+    with torch.no_grad():
+        pairs = [(model(x), y) for x, y in val_loader]
+    correct1 = sum((out.argmax(1) == y).sum().item() for out, y in pairs)
+    correct5 = sum((out.topk(5, 1).indices == y[:, None]).sum().item() for out, y in pairs)
+    assert summary.endswith(f" * Acc@1 {100 * correct1 / 20:.3f} Acc@5 {100 * correct5 / 20:.3f}")
+
+
+def test_mismatched_checkpoint_is_refused_with_names_and_shapes(golden_setup, capsys) -> None:
+    config_path, root, _ = golden_setup
+    images = write_image_folder(root / "three", classes=3, train_per_class=2, val_per_class=1, size=64)
+    code = main.main(["--cfg", str(config_path), "--eval", "--resume", str(root / "release.pth"), "--data-path",
+                      str(images), "--opts", "MODEL.NUM_CLASSES", "3"])
+    assert code == 1
+    assert "head.weight: checkpoint (10, 320) vs model (3, 320)" in capsys.readouterr().out
+
+
+def test_malicious_checkpoint_is_refused_and_its_code_does_not_run(golden_setup, tmp_path: Path, capsys) -> None:
+    config_path, _, _ = golden_setup
+    marker, evil = tmp_path / "pwned", tmp_path / "evil.pth"
+
+    class Evil:
+        def __reduce__(self):
+            import os
+            return os.system, (f"touch {marker}",)
+
+    torch.save({"model": Evil()}, evil)
+    assert main.main(["--cfg", str(config_path), "--eval", "--resume", str(evil)]) == 1
+    assert "refusing" in capsys.readouterr().out
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kills: a run killed at any moment and started again with the same command ends with the same weights.
+
+
+def same_final_state(a: Path, b: Path) -> None:
+    x, y = load_checkpoint_file(a), load_checkpoint_file(b)
+    assert x["epoch"] == y["epoch"] and x["global_step"] == y["global_step"]
+    for key in ("model", "model_ema"):
+        for name, weight in x[key].items():
+            assert torch.equal(weight, y[key][name]), (key, name)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(images: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("straight")
+    config = write_config(root / "config.yaml", images, root / "out", RESUME_EXTRA)
+    result = launch(["--cfg", str(config)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    return run_dir(root / "out") / "ckpt_epoch_2.pth"
+
+
+@pytest.mark.slow
+def test_sigkill_during_training_then_auto_resume(images: Path, uninterrupted: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "config.yaml", images, tmp_path / "out", RESUME_EXTRA)
+    out = run_dir(tmp_path / "out")
+    command = [sys.executable, str(REPO / "main.py"), "--cfg", str(config)]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 240
+    while not (out / "latest.pth").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # into epoch 1's training steps
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert load_checkpoint_file(out / "latest.pth")["epoch"] < 2, "the run finished before it was killed"
+    result = launch(["--cfg", str(config)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "resumed from" in result.stdout
+    same_final_state(out / "ckpt_epoch_2.pth", uninterrupted)
+
+
+DYING_SAVE = textwrap.dedent("""
+    import io, os, runpy, signal, sys, torch
+    real_save = torch.save
+    def dying_save(obj, f):
+        # Half of epoch 1's first checkpoint reaches the disk, then the process dies.
+        if getattr(f, "name", "").endswith("ckpt_epoch_1.pth.tmp"):
+            buffer = io.BytesIO()
+            real_save(obj, buffer)
+            f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_save(obj, f)
+    torch.save = dying_save
+    sys.argv = ["main.py", *sys.argv[1:]]
+    runpy.run_path("main.py", run_name="__main__")
+""")
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_checkpoint_write_then_auto_resume(images: Path, uninterrupted: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "config.yaml", images, tmp_path / "out", RESUME_EXTRA)
+    out = run_dir(tmp_path / "out")
+    killed = subprocess.run([sys.executable, "-c", DYING_SAVE, "--cfg", str(config)], cwd=REPO, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    assert (out / "ckpt_epoch_1.pth.tmp").exists() and not (out / "ckpt_epoch_1.pth").exists()
+    assert load_checkpoint_file(out / "latest.pth")["epoch"] == 0  # the previous checkpoint is intact
+    result = launch(["--cfg", str(config)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    same_final_state(out / "ckpt_epoch_2.pth", uninterrupted)
+    assert load_weights(out / "latest.pth").keys() == load_weights(uninterrupted).keys()
