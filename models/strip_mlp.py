@@ -14,6 +14,7 @@ import contextlib
 from collections.abc import Mapping
 
 import torch
+import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -21,6 +22,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 DROP_PATH_SCHEDULES = ("uniform", "linear")
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """(N, H, W, *C) in any layout -> (N, C, H, W) with channels-last memory (one copy at most)."""
+    n, h, w = x.shape[:3]
+    return x.reshape(n, h, w, -1).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
 
 
 def strip_chunks(channels: int) -> int:
@@ -112,20 +119,27 @@ class StripMixingBlock(nn.Module):
 
     def cgsmm(self, x: torch.Tensor) -> torch.Tensor:
         """Channel-wise group strip mixing: every token mixes with its whole row, then its whole
-        column, with the neighbouring rows (columns) contributing through 3-tap kernels."""
+        column, with the neighbouring rows (columns) contributing through 3-tap kernels.
+
+        Channel c = p * G + g; the strip projections are grouped convolutions over G groups whose
+        input channels are the W (H) tokens of a row (column), so the tokens are moved into the
+        channel dimension and back. The results are laid out channels-last, like the activations.
+        """
         n, c, h, w = x.shape
         g = self.chunk_channels
         p = c // g
-        rows = x + self.relate_pos_h()
+        # Position terms, mixing weights and GRN scales are cast to the activations' dtype so that
+        # under autocast the wide element-wise products stay in the low precision.
+        rows = x + self.relate_pos_h().to(x.dtype)
         rows = rows.reshape(n, p, g, h, w).permute(0, 2, 4, 1, 3).reshape(n, g * w, p, h)  # (N, G*W, P, H)
-        rows = self.proj_h(rows)
-        rows = rows.reshape(n, g, w, p, h).permute(0, 3, 1, 4, 2).reshape(n, c, h, w)  # (N, C, H, W)
+        rows = self.proj_h(rows).reshape(n, g, w, p, h)
+        rows = _channels_last(rows.permute(0, 4, 2, 3, 1))  # (N, H, W, P, G) -> (N, C, H, W)
 
         cols = self.fuse_h(torch.cat([rows, x], dim=1))
-        cols = self.act(self.BN(cols)) + self.relate_pos_w()
+        cols = self.act(self.BN(cols)) + self.relate_pos_w().to(cols.dtype)
         cols = cols.reshape(n, p, g, h, w).permute(0, 2, 3, 1, 4).reshape(n, g * h, p, w)  # (N, G*H, P, W)
-        cols = self.proj_w(cols)
-        cols = cols.reshape(n, g, h, p, w).permute(0, 3, 1, 2, 4).reshape(n, c, h, w)  # (N, C, H, W)
+        cols = self.proj_w(cols).reshape(n, g, h, p, w)
+        cols = _channels_last(cols.permute(0, 2, 4, 3, 1))  # (N, H, W, P, G) -> (N, C, H, W)
         return self.fuse_w(torch.cat([x, cols], dim=1))
 
     def lsmm(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,10 +148,11 @@ class StripMixingBlock(nn.Module):
         n, c = x.shape[:2]
         tall = self.fc_w(x)  # 7 high, 3 wide
         wide = self.fc_h(x)  # 3 high, 7 wide
-        pooled = (tall + wide + x).mean(dim=(2, 3), keepdim=True)  # (N, C, 1, 1)
-        weights = self.reweight(pooled).reshape(n, c, 3).softmax(dim=2)  # (N, C, 3)
-        weights = weights[..., None, None]  # (N, C, 3, 1, 1)
-        return tall * weights[:, :, 0] + wide * weights[:, :, 1] + x * weights[:, :, 2]
+        pooled = tall.mean(dim=(2, 3)) + wide.mean(dim=(2, 3)) + x.mean(dim=(2, 3))  # (N, C)
+        weights = self.reweight(pooled[:, :, None, None]).reshape(n, c, 3).softmax(dim=2)  # (N, C, 3)
+        weights = weights[..., None, None].to(x.dtype)  # (N, C, 3, 1, 1)
+        mixed = torch.addcmul(tall * weights[:, :, 0], wide, weights[:, :, 1])
+        return torch.addcmul(mixed, x, weights[:, :, 2])
 
 
 class TokenMixing(nn.Module):
@@ -153,21 +168,32 @@ class TokenMixing(nn.Module):
 
 
 class GRN(nn.Module):
-    """Global response normalisation (ConvNeXt V2) over channels-last input (N, H, W, K)."""
+    """Global response normalisation (ConvNeXt V2) over channels-last input z of shape (N, H, W, K):
+    out = gamma * (z * m) + beta + z, with m the spatial L2 norm of z relative to its channel mean.
+    """
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.gamma = nn.Parameter(torch.zeros(1, 1, 1, channels))
         self.beta = nn.Parameter(torch.zeros(1, 1, 1, channels))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        spatial_norm = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)  # (N, 1, 1, K)
+    def scale(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-sample, per-channel factor s = 1 + gamma * m, so that GRN(z) = z * s + beta. Shape (N, K)."""
+        spatial_norm = torch.linalg.vector_norm(x, dim=(1, 2))  # (N, K)
         relative = spatial_norm / (spatial_norm.mean(dim=-1, keepdim=True) + 1e-6)
-        return self.gamma * (x * relative) + self.beta + x
+        return torch.addcmul(torch.ones_like(relative), self.gamma.flatten(), relative)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.beta, x, self.scale(x)[:, None, None, :])
 
 
 class ChannelMixing(nn.Module):
-    """Depthwise 7x7 convolution, LayerNorm, then an alpha-times-wide MLP with GRN."""
+    """Depthwise 7x7 convolution, LayerNorm, then an alpha-times-wide MLP with GRN.
+
+    Activations stay channels-last, so LayerNorm sees contiguous channels and fc1/fc2 run as
+    1x1 convolutions (oneDNN on CPU) on the `nn.Linear` weights the checkpoints hold. GRN is affine
+    per sample, GRN(z) = z * s + beta, so beta folds into fc2's bias and only the scaling remains.
+    """
 
     def __init__(self, channels: int, alpha: int) -> None:
         super().__init__()
@@ -179,9 +205,13 @@ class ChannelMixing(nn.Module):
         self.grn = GRN(alpha * channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv_77(x).permute(0, 2, 3, 1)  # (N, H, W, D)
-        x = self.fc2(self.grn(self.act(self.fc1(self.layer_norm(x)))))
-        return x.permute(0, 3, 1, 2)  # (N, D, H, W)
+        x = self.conv_77(x)
+        x = self.layer_norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # normalised over D, (N, D, H, W)
+        hidden = self.act(F.conv2d(x, self.fc1.weight[:, :, None, None], self.fc1.bias))  # (N, K, H, W)
+        scale = self.grn.scale(hidden.permute(0, 2, 3, 1)).to(hidden.dtype)  # (N, K)
+        # W beta + b costs K x D once per batch, independent of the images.
+        bias = torch.addmv(self.fc2.bias, self.fc2.weight, self.grn.beta.flatten())  # (D,)
+        return F.conv2d(hidden * scale[:, :, None, None], self.fc2.weight[:, :, None, None], bias)
 
 
 class BasicBlock(nn.Module):
@@ -327,7 +357,9 @@ class StripMLPNet(nn.Module):
             raise ValueError(
                 f"input of size {tuple(x.shape[-2:])} but the model was built for {self.img_size}x{self.img_size}; "
                 f"resize the input or build the model with img_size={x.shape[-1]}")
-        x = self._run_stage(self.blocks1, self.patch_embed(x))
+        # Every block computes in channels-last memory; see ChannelMixing.
+        x = self.patch_embed(x).contiguous(memory_format=torch.channels_last)
+        x = self._run_stage(self.blocks1, x)
         x = self.merging1(x)
         skip_s1a = self.conv_s1_28(x)
         skip_s1b = self.conv_s1_14(skip_s1a)

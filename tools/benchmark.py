@@ -226,6 +226,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--channels-last", action="store_true", help="model and input in channels_last")
     parser.add_argument("--compile", action="store_true", help="time torch.compile(model)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--mode", choices=("eval", "train", "both"), default="both")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs per implementation and mode")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per implementation and mode")
@@ -243,6 +244,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     setting = Setting(args.model, args.img_size, args.batch_size, args.dtype, args.channels_last, args.compile,
                       args.device)
     modes = ["eval", "train"] if args.mode == "both" else [args.mode]
