@@ -208,8 +208,10 @@ def _read_yaml(path: str) -> dict:
             content = yaml.safe_load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found") from None
-    except IsADirectoryError:
-        raise ConfigError(f"config file {path} is a directory; give a .yaml file") from None
+    except OSError as err:  # a directory, no permission, ...
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}; give a readable .yaml file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text; give a .yaml file") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -280,6 +282,9 @@ def _check_consistency(config: CN) -> None:
     mixing = config.AUG.MIXUP > 0 or config.AUG.CUTMIX > 0 or config.AUG.CUTMIX_MINMAX is not None
     if mixing and config.DATA.BATCH_SIZE % 2:  # timm's Mixup pairs each image with its mirror in the batch
         raise ConfigError(f"DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} must be even while AUG.MIXUP or AUG.CUTMIX is on")
+    minmax = config.AUG.CUTMIX_MINMAX
+    if minmax is not None and not (isinstance(minmax, list) and len(minmax) == 2 and 0 < minmax[0] < minmax[1] <= 1):
+        raise ConfigError(f"AUG.CUTMIX_MINMAX must be None or [min, max] with 0 < min < max <= 1, got {minmax!r}")
     if not 0.0 <= config.MODEL.DROP_PATH_RATE < 1.0:
         raise ConfigError(f"MODEL.DROP_PATH_RATE must be in [0, 1), got {config.MODEL.DROP_PATH_RATE}")
 

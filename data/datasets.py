@@ -26,13 +26,13 @@ FOLDER_LAYOUTS: dict[str, str] = {
 
 
 def load_rgb_image(path: str) -> Image.Image:
-    """Decode an image file as RGB; a file that cannot be decoded raises DataError naming it."""
+    """Decode an image file as RGB; a file that cannot be read or decoded raises DataError naming it."""
     try:
         with open(path, "rb") as f:
             image = Image.open(f)
             return image.convert("RGB")
     except OSError as err:  # PIL's UnidentifiedImageError and truncated-file errors are OSErrors
-        raise DataError(f"cannot decode image {path} ({err}); remove or replace this file") from None
+        raise DataError(f"cannot read image {path} ({err}); remove or replace this file") from None
 
 
 def image_folder_split(root: str, split: str, kind: str, transform: Callable | None) -> ImageFolder:

@@ -119,6 +119,8 @@ def test_defaults_are_untouched_and_dump_reloads(tmp_path: Path) -> None:
         ("BASE: missing.yaml\n", (), "BASE file"),
         ("", ("TRAIN.EPOCHS",), "has no value"),
         ("", ("TRAIN.EPOCHS", "0"), "TRAIN.EPOCHS must be positive"),
+        ("", ("AUG.CUTMIX_MINMAX", "0.5"), "AUG.CUTMIX_MINMAX must be None or [min, max]"),
+        ("", ("DATA.BATCH_SIZE", "7"), "DATA.BATCH_SIZE 7 must be even while AUG.MIXUP or AUG.CUTMIX is on"),
     ],
 )
 def test_bad_config_raises_one_line_naming_file_and_key(tmp_path: Path, text: str, opts: tuple, message: str) -> None:
@@ -145,6 +147,9 @@ def test_command_line_error_is_one_line_with_exit_code_2(tmp_path: Path) -> None
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
     assert "TRAIN.EPOCHS" in result.stderr and "bad.yaml" in result.stderr and "Traceback" not in result.stderr
+    directory = subprocess.run([sys.executable, str(REPO / "config.py"), "--cfg", str(tmp_path)],
+                               capture_output=True, text=True, cwd=REPO)
+    assert directory.returncode == 2 and "cannot read config file" in directory.stderr
     missing = subprocess.run([sys.executable, str(REPO / "config.py"), "--cfg", str(tmp_path / "none.yaml")],
                              capture_output=True, text=True, cwd=REPO)
     assert missing.returncode == 2 and "none.yaml not found" in missing.stderr

@@ -97,7 +97,7 @@ def test_undecodable_image_is_named(image_folder: Callable) -> None:
     broken = root / "val" / "a" / "img_000.png"
     broken.write_bytes(b"not an image")
     loaders = build_loader(_config("folder", root, 2))
-    with pytest.raises(DataError, match=f"cannot decode image {broken}"):
+    with pytest.raises(DataError, match=f"cannot read image {broken}"):
         list(loaders.loader_val)
 
 
