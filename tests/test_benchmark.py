@@ -1,0 +1,72 @@
+"""tools/benchmark.py end to end on a tiny setting: every option runs and the rows say what was measured."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+
+import models  # noqa: F401  (registers the variants with timm)
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--model", "strip_mlp_tiny_light", "--img-size", "64", "--batch-size", "2", "--warmup", "1", "--repeats", "2"]
+
+
+def run_benchmark(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark.py"), *SMALL, *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+def test_both_modes_with_memory_write_csv_and_json(tmp_path: Path) -> None:
+    result = run_benchmark("--csv", str(tmp_path / "rows.csv"), "--json", str(tmp_path / "rows.jsonl"))
+    assert result.returncode == 0, result.stderr
+    row = json.loads((tmp_path / "rows.jsonl").read_text().splitlines()[0])
+    assert row["implementation"] == "current" and row["model"] == "strip_mlp_tiny_light"
+    model = timm.create_model("strip_mlp_tiny_light", img_size=64)
+    assert row["params_m"] == pytest.approx(sum(p.numel() for p in model.parameters()) / 1e6)
+    for mode in ("eval", "train"):
+        assert 0 < row[f"{mode}_img_s_min"] <= row[f"{mode}_img_s_median"] <= row[f"{mode}_img_s_max"]
+        assert row[f"{mode}_peak_mb"] > 100
+    with (tmp_path / "rows.csv").open() as handle:
+        assert list(csv.DictReader(handle))[0]["train_img_s_median"] == str(row["train_img_s_median"])
+
+
+@pytest.mark.parametrize("options", [["--dtype", "bf16"], ["--dtype", "fp16", "--mode", "train"], ["--channels-last"]])
+def test_precision_and_memory_format_options(options: list[str], tmp_path: Path) -> None:
+    result = run_benchmark(*options, "--mode", "eval", "--no-memory", "--json", str(tmp_path / "rows.jsonl"))
+    assert result.returncode == 0, result.stderr
+    row = json.loads((tmp_path / "rows.jsonl").read_text())
+    assert row["eval_img_s_median"] > 0
+    assert row["dtype"] == (options[1] if options[0] == "--dtype" else "fp32")
+    assert row["channels_last"] == ("--channels-last" in options)
+
+
+def test_paired_baseline_revision_is_timed_beside_the_current_model(tmp_path: Path) -> None:
+    result = run_benchmark("--baseline", "HEAD", "--mode", "eval", "--no-memory", "--json", str(tmp_path / "r.jsonl"))
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert [row["implementation"] for row in rows] == ["current", "HEAD"]
+    assert rows[0]["gmacs"] == pytest.approx(rows[1]["gmacs"])
+    assert "eval_img_s_median: current / HEAD = " in result.stdout
+
+
+@pytest.mark.slow
+def test_compiled_model(tmp_path: Path) -> None:
+    result = run_benchmark("--compile", "--mode", "eval", "--no-memory", "--json", str(tmp_path / "rows.jsonl"))
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "rows.jsonl").read_text())["compile"] is True
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--img-size", "100"], "--img-size 100 is not divisible by 32"),
+    (["--model", "strip_mlp_huge"], "unknown model 'strip_mlp_huge'; valid: strip_mlp_tiny_light"),
+    (["--baseline", "no-such-revision"], "cannot read models/strip_mlp.py at revision 'no-such-revision'"),
+])
+def test_bad_options_fail_with_one_line(options: list[str], message: str) -> None:
+    result = run_benchmark(*options, "--no-memory")
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
