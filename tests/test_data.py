@@ -197,3 +197,10 @@ def test_demo_config_makes_its_data_on_first_use(tmp_path: Path) -> None:
     images, labels = next(iter(loaders.loader_train))
     assert images.shape == (config.DATA.BATCH_SIZE, 3, 32, 32)
     assert loaders.mixup_fn is None
+
+
+def test_config_and_data_know_the_same_datasets() -> None:
+    from config import _CHOICES
+    from data.datasets import CIFAR_KINDS, FOLDER_LAYOUTS
+
+    assert set(_CHOICES["DATA.DATASET"]) == {*CIFAR_KINDS, *FOLDER_LAYOUTS}
