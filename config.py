@@ -375,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     # torch.distributed.launch passes --local_rank (older) or --local-rank; torchrun sets LOCAL_RANK instead,
     # which is what the training script reads. Accepted so the release's command lines keep working.
     parser.add_argument("--local_rank", "--local-rank", type=int, dest="local_rank", help=argparse.SUPPRESS)
+    # The release's ImageNet zip/cache loading; images are read from folders here, so both are accepted and ignored.
+    parser.add_argument("--zip", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--cache-mode", choices=("no", "full", "part"), help=argparse.SUPPRESS)
     return parser
 
 
@@ -382,6 +385,8 @@ def parse_option(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace,
     """Parse the command line into (args, frozen config); a bad config exits with code 2 and one line."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.zip or args.cache_mode not in (None, "no"):
+        sys.stderr.write("warning: --zip and --cache-mode are ignored; images are read from folders\n")
     try:
         config = get_config(args)
     except ConfigError as err:

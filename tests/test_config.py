@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from config import ConfigError, build_parser, default_config, dump_config, get_config, load_config
+from config import ConfigError, build_parser, default_config, dump_config, get_config, load_config, parse_option
 
 REPO = Path(__file__).resolve().parents[1]
 # Runnable configs; files under configs/base/ are only inherited.
@@ -166,3 +166,10 @@ def test_every_config_builds_its_model(cfg_file: Path) -> None:
     if config.DATA.IMG_SIZE <= 32:  # small enough to run a forward pass cheaply
         out = model.eval()(torch.zeros(2, 3, config.DATA.IMG_SIZE, config.DATA.IMG_SIZE))
         assert out.shape == (2, config.MODEL.NUM_CLASSES)
+
+
+def test_release_zip_and_cache_flags_are_accepted_with_a_warning(tmp_path: Path, capsys) -> None:
+    cfg = _write(tmp_path / "c.yaml", "")
+    _, config = parse_option(["--cfg", cfg, "--zip", "--cache-mode", "part", "--local_rank", "0"])
+    assert config.DATA.BATCH_SIZE == default_config().DATA.BATCH_SIZE
+    assert "--zip and --cache-mode are ignored" in capsys.readouterr().err
