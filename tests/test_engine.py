@@ -158,3 +158,22 @@ def test_throughput_measures_images_per_second() -> None:
     result = throughput(model, torch.randn(2, 3, 32, 32), settings(), LOGGER, warmup=1, iterations=2)
     assert result["images_per_s"] > 0 and result["batch_size"] == 2
     assert not model.training
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("compile_model", [False, True], ids=["eager", "compiled"])
+def test_cuda_float16_with_scaler_channels_last(compile_model: bool) -> None:
+    device = torch.device("cuda")
+    model = StripMLPNet(img_size=32, num_classes=4, embed_dim=8, layers=(1, 1, 1, 1)).to(device)
+    model = model.to(memory_format=torch.channels_last)
+    state = make_state(torch.compile(model) if compile_model else model, fp16=False)
+    state.scaler = torch.amp.GradScaler("cuda", enabled=True)
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=device)
+    run = StepSettings(env=env, amp_enabled=True, amp_dtype=torch.float16, channels_last=True, accumulation_steps=2,
+                       clip_grad=1.0, print_freq=1, epochs=1)
+    generator = torch.Generator().manual_seed(0)
+    data = [(torch.randn(4, 3, 32, 32, generator=generator), torch.randint(0, 4, (4,), generator=generator))] * 4
+    stats = train_one_epoch(state, data, 0, run, LOGGER)
+    assert math.isfinite(stats["train_loss"]) and state.global_step == 2
+    metrics = validate(state.model, data, run, LOGGER)
+    assert metrics["images"] == 16

@@ -198,50 +198,64 @@ def uninterrupted(images: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return run_dir(root / "out") / "ckpt_epoch_2.pth"
 
 
+# Runs main.py and SIGKILLs itself at a chosen moment, so the kill lands there on any machine speed.
+KILLED_RUN = textwrap.dedent("""
+    import io, os, runpy, signal, sys
+    import torch
+    import engine
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if sys.argv[1] == "update":  # before the 5th optimiser update: mid-way through epoch 1 (3 per epoch)
+        real_update = engine._optimizer_update
+        def dying_update(state, settings):
+            if state.global_step == 4:
+                die()
+            return real_update(state, settings)
+        engine._optimizer_update = dying_update
+    else:  # half of epoch 1's first checkpoint reaches the disk, then the process dies
+        real_save = torch.save
+        def dying_save(obj, f):
+            if getattr(f, "name", "").endswith("ckpt_epoch_1.pth.tmp"):
+                buffer = io.BytesIO()
+                real_save(obj, buffer)
+                f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+                f.flush()
+                die()
+            real_save(obj, f)
+        torch.save = dying_save
+    sys.argv = ["main.py", *sys.argv[2:]]
+    runpy.run_path("main.py", run_name="__main__")
+""")
+
+
+def killed_run(moment: str, config: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", KILLED_RUN, moment, "--cfg", str(config)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
 @pytest.mark.slow
 def test_sigkill_during_training_then_auto_resume(images: Path, uninterrupted: Path, tmp_path: Path) -> None:
     config = write_config(tmp_path / "config.yaml", images, tmp_path / "out", RESUME_EXTRA)
     out = run_dir(tmp_path / "out")
-    command = [sys.executable, str(REPO / "main.py"), "--cfg", str(config)]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 240
-    while not (out / "latest.pth").exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)  # into epoch 1's training steps
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert load_checkpoint_file(out / "latest.pth")["epoch"] < 2, "the run finished before it was killed"
+    killed = killed_run("update", config)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    assert "Train: [1/3][2/6]" in killed.stdout  # it died inside epoch 1
+    assert load_checkpoint_file(out / "latest.pth")["epoch"] == 0
     result = launch(["--cfg", str(config)])
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "resumed from" in result.stdout
+    assert "resumed from" in result.stdout and "epoch 0, update 3" in result.stdout
     same_final_state(out / "ckpt_epoch_2.pth", uninterrupted)
 
 
-DYING_SAVE = textwrap.dedent("""
-    import io, os, runpy, signal, sys, torch
-    real_save = torch.save
-    def dying_save(obj, f):
-        # Half of epoch 1's first checkpoint reaches the disk, then the process dies.
-        if getattr(f, "name", "").endswith("ckpt_epoch_1.pth.tmp"):
-            buffer = io.BytesIO()
-            real_save(obj, buffer)
-            f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-            f.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
-        real_save(obj, f)
-    torch.save = dying_save
-    sys.argv = ["main.py", *sys.argv[1:]]
-    runpy.run_path("main.py", run_name="__main__")
-""")
 
 
 @pytest.mark.slow
 def test_sigkill_during_a_checkpoint_write_then_auto_resume(images: Path, uninterrupted: Path, tmp_path: Path) -> None:
     config = write_config(tmp_path / "config.yaml", images, tmp_path / "out", RESUME_EXTRA)
     out = run_dir(tmp_path / "out")
-    killed = subprocess.run([sys.executable, "-c", DYING_SAVE, "--cfg", str(config)], cwd=REPO, capture_output=True,
-                            text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    killed = killed_run("save", config)
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
     assert (out / "ckpt_epoch_1.pth.tmp").exists() and not (out / "ckpt_epoch_1.pth").exists()
     assert load_checkpoint_file(out / "latest.pth")["epoch"] == 0  # the previous checkpoint is intact
@@ -249,3 +263,31 @@ def test_sigkill_during_a_checkpoint_write_then_auto_resume(images: Path, uninte
     assert result.returncode == 0, result.stdout + result.stderr
     same_final_state(out / "ckpt_epoch_2.pth", uninterrupted)
     assert load_weights(out / "latest.pth").keys() == load_weights(uninterrupted).keys()
+
+
+def test_options_run_together(images: Path, tmp_path: Path, capsys) -> None:
+    """SGD with a step schedule, linear LR scaling, EMA, channels_last and activation checkpointing in one run."""
+    config = write_config(tmp_path / "config.yaml", images, tmp_path / "out", {
+        "TRAIN": {"EPOCHS": 1, "LR_SCALING": "linear", "USE_CHECKPOINT": True, "OPTIMIZER": {"NAME": "sgd"},
+                  "LR_SCHEDULER": {"NAME": "step"}, "EMA": {"ENABLE": True}},
+        "CHANNELS_LAST": True,
+    })
+    assert main.main(["--cfg", str(config)]) == 0
+    out = capsys.readouterr().out
+    # total batch 4 x 1 process x 1 step = 4, so x 4/512 = 0.0078125
+    assert "learning rates (linear scaling, x0.007812): base 7.81e-06, warm-up 7.81e-08, min 7.81e-08" in out
+    row = json.loads((run_dir(tmp_path / "out") / "metrics.jsonl").read_text())
+    assert {"ema_acc1", "ema_acc5", "ema_val_loss"} <= set(row)
+    assert load_checkpoint_file(run_dir(tmp_path / "out") / "latest.pth")["model_ema"] is not None
+
+
+@pytest.mark.slow
+def test_demo_config_reaches_its_accuracy(tmp_path: Path) -> None:
+    """The README's main job: the demo config trains to at least 95% validation top-1 on the CPU."""
+    started = time.time()
+    result = launch(["--cfg", str(REPO / "configs" / "demo" / "strip_mlp_demo.yaml"), "--data-path",
+                     str(tmp_path / "digits"), "--output", str(tmp_path / "out")], timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [json.loads(line) for line in next((tmp_path / "out").rglob("metrics.jsonl")).read_text().splitlines()]
+    print(f"demo: final Acc@1 {rows[-1]['acc1']:.3f} after {len(rows)} epochs in {time.time() - started:.0f}s")
+    assert rows[-1]["acc1"] >= 95.0
