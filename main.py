@@ -147,7 +147,8 @@ def save_epoch(state: TrainState, config: CfgNode, env: DistEnv, output_dir: Pat
                is_best: bool, logger: logging.Logger) -> None:
     """Rank 0 writes the epoch's checkpoints: ``ckpt_epoch_<n>.pth`` when due, ``best.pth``, then ``latest.pth``.
 
-    ``latest.pth`` goes last so it is the newest file whenever the epoch's writes all completed.
+    ``latest.pth`` goes last: a kill between the writes leaves an epoch file one epoch ahead of it, which
+    auto-resume finds by the epoch in its name.
     """
     if not env.is_main:
         return

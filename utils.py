@@ -196,22 +196,36 @@ def epoch_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
 
 
 def resumable_checkpoints(output_dir: Path) -> list[Path]:
-    """Checkpoints a run could continue from, newest first (``latest.pth`` is written last each epoch)."""
-    candidates = [p for _, p in epoch_checkpoints(output_dir)]
+    """The files a run could continue from: ``latest.pth`` and the epoch checkpoints (not ``best.pth``)."""
     latest = output_dir / LATEST_NAME
-    if latest.is_file():
-        candidates.append(latest)
-    return sorted(candidates, key=lambda p: (p.stat().st_mtime_ns, p.name == LATEST_NAME), reverse=True)
+    return [p for _, p in epoch_checkpoints(output_dir)] + ([latest] if latest.is_file() else [])
+
+
+def _try_load(path: Path, logger: logging.Logger) -> dict[str, Any] | None:
+    try:
+        return load_checkpoint_file(path)
+    except CheckpointError as e:
+        logger.warning(f"auto-resume skips {path.name}: {e}")
+        return None
 
 
 def find_resume_checkpoint(output_dir: Path, logger: logging.Logger) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint in ``output_dir`` that loads, with its contents; unreadable ones are skipped loudly."""
-    for path in resumable_checkpoints(output_dir):
-        try:
-            return path, load_checkpoint_file(path)
-        except CheckpointError as e:
-            logger.warning(f"auto-resume skips {path.name}: {e}")
-    return None
+    """The loadable checkpoint of the highest epoch in ``output_dir``, with its contents, or None.
+
+    ``latest.pth`` is written every epoch and is normally the one; an epoch file beyond it (a kill between the
+    two writes) or below it (``latest.pth`` unreadable) is taken by the epoch in its name. File times are not
+    used, so a copied output folder resumes the same way. Unreadable files are skipped with a warning.
+    """
+    latest_path = output_dir / LATEST_NAME
+    latest = _try_load(latest_path, logger) if latest_path.is_file() else None
+    latest_epoch = latest.get("epoch", -1) if latest is not None else -1
+    for epoch, path in reversed(epoch_checkpoints(output_dir)):
+        if epoch <= latest_epoch:
+            break
+        checkpoint = _try_load(path, logger)
+        if checkpoint is not None:
+            return path, checkpoint
+    return (latest_path, latest) if latest is not None else None
 
 
 def prune_checkpoints(output_dir: Path, keep: int) -> list[Path]:

@@ -95,12 +95,22 @@ def test_auto_resume_skips_a_truncated_newest_checkpoint(tmp_path: Path, caplog)
     latest.write_bytes(latest.read_bytes()[:100])
     newest = tmp_path / "ckpt_epoch_2.pth"
     newest.write_bytes(newest.read_bytes()[:-10])
-    os.utime(latest, ns=(newest.stat().st_mtime_ns + 10**9,) * 2)
+    os.utime(tmp_path / "ckpt_epoch_0.pth")  # file times play no part (a copied folder resumes the same way)
     with caplog.at_level(logging.WARNING, logger="resume-test"):
         path, checkpoint = find_resume_checkpoint(tmp_path, logger)
     assert path.name == "ckpt_epoch_1.pth" and checkpoint["epoch"] == 1
     assert "skips latest.pth" in caplog.text and "skips ckpt_epoch_2.pth" in caplog.text
     assert find_resume_checkpoint(tmp_path / "empty", logger) is None
+
+
+def test_auto_resume_takes_an_epoch_file_written_after_latest(tmp_path: Path) -> None:
+    logger = logging.Logger("resume-test")
+    save_checkpoint({"epoch": 4}, tmp_path / "latest.pth")
+    for epoch in (3, 4, 5):  # 5: killed after writing the epoch file, before latest.pth
+        save_checkpoint({"epoch": epoch}, tmp_path / f"ckpt_epoch_{epoch}.pth")
+    assert find_resume_checkpoint(tmp_path, logger)[0].name == "ckpt_epoch_5.pth"
+    (tmp_path / "ckpt_epoch_5.pth").unlink()
+    assert find_resume_checkpoint(tmp_path, logger)[0].name == "latest.pth"
 
 
 def test_prune_keeps_the_newest_epochs(tmp_path: Path) -> None:

@@ -101,6 +101,41 @@ def test_resume_from_epoch_one_equals_two_epochs_straight(trained: Path, images:
     assert resumed["global_step"] == straight["global_step"]
 
 
+def test_resume_with_loader_workers_replays_exactly(images: Path, tmp_path: Path) -> None:
+    """Worker processes draw their seeds from the re-seeded main process, so they replay too (workers that
+    persist across epochs keep their first seeds instead, hence PERSISTENT_WORKERS False for exact replay)."""
+    extra = {"DATA": {"NUM_WORKERS": 2, "PERSISTENT_WORKERS": False}}
+    straight = write_config(tmp_path / "straight.yaml", images, tmp_path / "straight", extra)
+    assert main.main(["--cfg", str(straight)]) == 0
+    resumed = write_config(tmp_path / "resumed.yaml", images, tmp_path / "resumed", extra)
+    assert main.main(["--cfg", str(resumed), "--resume", str(run_dir(tmp_path / "straight") / "ckpt_epoch_0.pth")]) == 0
+    a = load_weights(run_dir(tmp_path / "straight") / "latest.pth")
+    b = load_weights(run_dir(tmp_path / "resumed") / "latest.pth")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_auto_resume_skips_a_truncated_latest_and_refuses_when_nothing_loads(trained: Path, tmp_path: Path,
+                                                                           capsys) -> None:
+    copy = tmp_path / "out" / "tiny" / "run"
+    copy.mkdir(parents=True)
+    for path in trained.glob("*.pth"):
+        copy.joinpath(path.name).write_bytes(path.read_bytes())
+    latest = copy / "latest.pth"
+    latest.write_bytes(latest.read_bytes()[:1000])
+    config = write_config(tmp_path / "config.yaml", trained.parents[2] / "unused", tmp_path / "out")
+    args = ["--cfg", str(config), "--data-path", str(Path(load_config(str(trained / "config.yaml")).DATA.DATA_PATH))]
+    assert main.main(args) == 0
+    out = capsys.readouterr().out
+    assert "auto-resume skips latest.pth" in out and "resumed from" in out and "ckpt_epoch_1.pth: epoch 1" in out
+    for path in copy.glob("ckpt_epoch_*.pth"):
+        path.write_bytes(path.read_bytes()[:1000])
+    latest.write_bytes(latest.read_bytes()[:1000])
+    before = {p.name: p.read_bytes() for p in copy.glob("*.pth")}
+    assert main.main(args) == 1
+    assert "holds checkpoints but none loads" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in copy.glob("*.pth")} == before  # nothing overwritten or deleted
+
+
 def test_nan_loss_stops_with_the_step_and_keeps_earlier_checkpoints(images: Path, tmp_path: Path, capsys) -> None:
     # A step schedule that multiplies the rate by 1e30 after epoch 0: epoch 0 trains, epoch 1 explodes.
     config = write_config(tmp_path / "config.yaml", images, tmp_path / "out", {"TRAIN": {
