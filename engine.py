@@ -102,6 +102,26 @@ def _optimizer_update(state: TrainState, settings: StepSettings) -> float:
     return grad_norm.item()
 
 
+def _forward_backward(state: TrainState, images: torch.Tensor, targets: torch.Tensor, settings: StepSettings,
+                      group_size: int, skip_sync: bool, where: str) -> float:
+    """One micro-step: forward, finiteness check, backward of the loss divided by its group's size.
+
+    Raises:
+        NonFiniteLossError: before the backward pass, so a bad loss never reaches the gradients.
+    """
+    device = settings.env.device
+    with _no_sync(state.model, skip_sync):
+        with torch.autocast(device.type, dtype=settings.amp_dtype, enabled=settings.amp_enabled):
+            loss = state.criterion(state.model(images), targets)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise NonFiniteLossError(
+                f"loss is {loss_value} at {where}; training stopped, checkpoints already written are intact; "
+                "lower TRAIN.BASE_LR, set TRAIN.CLIP_GRAD, or use AMP.DTYPE bfloat16")
+        state.scaler.scale(loss / group_size).backward()
+    return loss_value
+
+
 def train_one_epoch(
         state: TrainState,
         loader: Iterable,
@@ -117,19 +137,18 @@ def train_one_epoch(
     own group, so an update's gradient is the mean over the images of its group.
 
     Raises:
-        NonFiniteLossError: the loss is NaN or infinite (checked before its backward pass).
+        NonFiniteLossError: the loss is NaN or infinite.
     """
-    model, device = state.model, settings.env.device
-    model.train()
+    device = settings.env.device
+    state.model.train()
     state.optimizer.zero_grad(set_to_none=True)
     num_steps = len(loader)
     accumulation = settings.accumulation_steps
-    loss_sum = samples = 0.0
-    grad_norm_sum, updates = 0.0, 0
+    loss_sum = samples = grad_norm_sum = 0.0
+    updates = 0
     grad_norm = math.nan
     progress = ProgressLine(settings.env.is_main)
-    start = end = time.time()
-    step_time_sum = 0.0
+    start = time.time()
     for step, (images, targets) in enumerate(loader):
         images, targets = _to_device(images, targets, settings)
         if mixup_fn is not None:
@@ -137,18 +156,8 @@ def train_one_epoch(
         group_start = step - step % accumulation
         group_size = min(accumulation, num_steps - group_start)
         is_update = step == group_start + group_size - 1
-
-        with _no_sync(model, skip_sync=not is_update):
-            with torch.autocast(device.type, dtype=settings.amp_dtype, enabled=settings.amp_enabled):
-                outputs = model(images)
-                loss = state.criterion(outputs, targets)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise NonFiniteLossError(
-                    f"loss is {loss_value} at epoch {epoch} step {step}/{num_steps} (optimiser update "
-                    f"{state.global_step}); training stopped, checkpoints already written are intact; "
-                    "lower TRAIN.BASE_LR, set TRAIN.CLIP_GRAD, or use AMP.DTYPE bfloat16")
-            state.scaler.scale(loss / group_size).backward()
+        where = f"epoch {epoch} step {step}/{num_steps} (optimiser update {state.global_step})"
+        loss_value = _forward_backward(state, images, targets, settings, group_size, not is_update, where)
 
         lr = state.optimizer.param_groups[0]["lr"]  # the rate this update uses, before the schedule moves on
         if is_update:
@@ -156,20 +165,17 @@ def train_one_epoch(
             state.global_step += 1
             state.scheduler.step_update(state.global_step)
             if state.ema is not None:
-                state.ema.update(unwrap_model(model), step=state.global_step)
+                state.ema.update(unwrap_model(state.model), step=state.global_step)
             grad_norm_sum += grad_norm
             updates += 1
 
-        batch = images.shape[0]
-        loss_sum += loss_value * batch
-        samples += batch
-        now = time.time()
-        step_time_sum += now - end
-        end = now
-        mean_step = step_time_sum / (step + 1)
-        eta = datetime.timedelta(seconds=int(mean_step * (num_steps - step - 1)))
+        loss_sum += loss_value * images.shape[0]
+        samples += images.shape[0]
+        elapsed = time.time() - start
+        step_time = elapsed / (step + 1)
+        eta = datetime.timedelta(seconds=int(step_time * (num_steps - step - 1)))
         line = (f"Train: [{epoch}/{settings.epochs}][{step}/{num_steps}]  eta {eta}  lr {lr:.6f}  "
-                f"time {now - start:.1f}s ({mean_step:.4f}s/step)  loss {loss_value:.4f} ({loss_sum / samples:.4f})  "
+                f"time {elapsed:.1f}s ({step_time:.4f}s/step)  loss {loss_value:.4f} ({loss_sum / samples:.4f})  "
                 f"grad_norm {grad_norm:.4f}  mem {peak_memory_mb(device):.0f}MB")
         progress.update(line)
         if step % settings.print_freq == 0 or step == num_steps - 1:
