@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from timm.data import Mixup
-from timm.data.auto_augment import RandAugment
+from timm.data.auto_augment import AugmentOp, RandAugment
 from timm.data.random_erasing import RandomErasing
 from torchvision import transforms
 
@@ -147,6 +148,14 @@ def test_training_transform_follows_the_release() -> None:
     erasing = [step for step in steps if isinstance(step, RandomErasing)]
     assert erasing and erasing[0].probability == 0.25 and erasing[0].mode == "pixel"
     assert any(isinstance(step, transforms.RandomHorizontalFlip) for step in steps)
+
+
+def test_release_rand_augment_survives_its_strongest_posterize() -> None:
+    """With 'mstd0.5' the magnitude reaches its maximum, and 'inc1' then posterizes to 0 bits (a black
+    image, as in the release); Pillow 13 refuses 0 bits, which is why requirements.txt pins Pillow 12."""
+    image = Image.new("RGB", (32, 32), (200, 100, 50))
+    posterized = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)(image)
+    assert posterized.getpixel((0, 0)) == (0, 0, 0)
 
 
 def test_evaluation_transform_resizes_then_centre_crops(tmp_path: Path) -> None:
