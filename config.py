@@ -48,7 +48,9 @@ def default_config() -> CN:
     c.DATA.INTERPOLATION = "bicubic"  # resize interpolation for training and evaluation
     c.DATA.PIN_MEMORY = True  # page-locked host memory for faster copies to the GPU
     c.DATA.NUM_WORKERS = 8  # data-loading worker processes per training process
-    c.DATA.PERSISTENT_WORKERS = True  # keep workers alive across epochs (ignored when NUM_WORKERS is 0)
+    # Off by default: persistent workers keep their first-epoch random state, so a resumed run would draw
+    # other augmentations than an uninterrupted one. True saves the worker start-up time per epoch.
+    c.DATA.PERSISTENT_WORKERS = False
 
     # ---------------------------------------------------------------- model
     c.MODEL = CN()

@@ -103,8 +103,8 @@ def test_resume_from_epoch_one_equals_two_epochs_straight(trained: Path, images:
 
 def test_resume_with_loader_workers_replays_exactly(images: Path, tmp_path: Path) -> None:
     """Worker processes draw their seeds from the re-seeded main process, so they replay too (workers that
-    persist across epochs keep their first seeds instead, hence PERSISTENT_WORKERS False for exact replay)."""
-    extra = {"DATA": {"NUM_WORKERS": 2, "PERSISTENT_WORKERS": False}}
+    persist across epochs keep their first seeds instead, hence the default PERSISTENT_WORKERS False)."""
+    extra = {"DATA": {"NUM_WORKERS": 2}}
     straight = write_config(tmp_path / "straight.yaml", images, tmp_path / "straight", extra)
     assert main.main(["--cfg", str(straight)]) == 0
     resumed = write_config(tmp_path / "resumed.yaml", images, tmp_path / "resumed", extra)
