@@ -1,4 +1,4 @@
-"""Shared fixtures that generate small datasets on disk; nothing is downloaded."""
+"""Shared fixtures: the release's golden outputs, and small datasets generated on disk (nothing is downloaded)."""
 
 import pickle
 from collections.abc import Callable
@@ -6,7 +6,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+# Copies of shared/spec's golden file (release weights, input, logits, pooled features) and the release's
+# state-dict names, kept with the tests so that they run, and never skip, wherever the repository is.
+GOLDEN_FILE = Path(__file__).resolve().parent / "data" / "golden_strip_mlp_e40.pt"
+RELEASE_NAMES_FILE = Path(__file__).resolve().parent / "data" / "official_state_dict_e40.txt"
+
+
+@pytest.fixture(scope="session")
+def golden() -> dict:
+    """{'config', 'state_dict', 'input', 'logits', 'pooled_features'} of the release's e40 model."""
+    return torch.load(GOLDEN_FILE, weights_only=True)
 
 
 def write_images(folder: Path, count: int, size: tuple[int, int], fmt: str, seed: int) -> list[Path]:

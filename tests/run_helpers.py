@@ -11,7 +11,6 @@ import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-SPEC = REPO.parent / "shared" / "spec"
 
 
 def write_image_folder(root: Path, classes: int = 3, train_per_class: int = 8, val_per_class: int = 5,

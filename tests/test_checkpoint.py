@@ -24,8 +24,6 @@ from utils import (
     set_rng_state,
 )
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "spec" / "golden_strip_mlp_e40.pt"
-
 
 class Evil:
     """Unpickling this runs a shell command; a safe loader must refuse it before that happens."""
@@ -132,10 +130,7 @@ def test_rng_state_round_trips_through_a_weights_only_file(tmp_path: Path) -> No
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 
-def test_release_checkpoint_loads_and_a_mismatched_one_is_refused(tmp_path: Path) -> None:
-    if not GOLDEN.exists():
-        pytest.skip(f"golden file not found at {GOLDEN}")
-    golden = torch.load(GOLDEN, weights_only=True)
+def test_release_checkpoint_loads_and_a_mismatched_one_is_refused(tmp_path: Path, golden: dict) -> None:
     cfg = golden["config"]
     model = StripMLPNet(img_size=cfg["img_size"], num_classes=cfg["num_classes"], embed_dim=cfg["embed_dim"],
                         layers=tuple(cfg["layers"]), alpha=cfg["alpha"]).eval()

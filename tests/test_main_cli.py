@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_helpers import REPO, SPEC, launch, load_weights, run_dir, write_config, write_image_folder
+from run_helpers import REPO, launch, load_weights, run_dir, write_config, write_image_folder
 
 import engine
 import main
@@ -152,12 +152,8 @@ def test_nan_loss_stops_with_the_step_and_keeps_earlier_checkpoints(images: Path
 
 
 @pytest.fixture(scope="module")
-def golden_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+def golden_setup(tmp_path_factory: pytest.TempPathFactory, golden: dict) -> tuple[Path, Path, dict]:
     """A release-format checkpoint of the golden model, 10-class 64 px images and a config for both."""
-    golden_file = SPEC / "golden_strip_mlp_e40.pt"
-    if not golden_file.exists():
-        pytest.skip(f"golden file not found at {golden_file}")
-    golden = torch.load(golden_file, weights_only=True)
     root = tmp_path_factory.mktemp("golden")
     data = write_image_folder(root / "images", classes=10, train_per_class=1, val_per_class=2, size=64)
     save_checkpoint({"model": golden["state_dict"], "epoch": 299}, root / "release.pth")

@@ -1,20 +1,16 @@
 """The Strip-MLP network against the release: golden outputs, names, sizes, and the fixed defects."""
 
 import copy
-from pathlib import Path
 
 import pytest
 import timm
 import torch
+from conftest import RELEASE_NAMES_FILE
 from torch.utils.flop_counter import FlopCounterMode
 from yacs.config import CfgNode
 
 import models
 from models.strip_mlp import StripMLPNet, checkpoint_filter_fn
-
-SPEC = Path(__file__).resolve().parents[2] / "shared" / "spec"
-GOLDEN = SPEC / "golden_strip_mlp_e40.pt"
-NAMES = SPEC / "official_state_dict_e40.txt"
 
 # name: (parameters, MACs in G) at 224 x 224 with 1000 classes, as measured on the release.
 RELEASE_SIZES = {
@@ -28,13 +24,6 @@ RELEASE_SIZES = {
 def tiny_model(**kwargs) -> StripMLPNet:
     """A small model built like the golden one: 4 chunks at 40 channels, 2 chunks at 80 and above."""
     return StripMLPNet(**{"img_size": 64, "num_classes": 10, "embed_dim": 40, "layers": (1, 1, 2, 1), **kwargs})
-
-
-@pytest.fixture(scope="module")
-def golden() -> dict:
-    if not GOLDEN.exists():
-        pytest.skip(f"golden file not found at {GOLDEN}")
-    return torch.load(GOLDEN, weights_only=True)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +61,7 @@ def test_golden_with_channels_last_model(golden: dict, golden_model: StripMLPNet
 
 
 def test_state_dict_names_and_shapes_match_release_line_by_line(golden_model: StripMLPNet) -> None:
-    expected = [line.rstrip("\n") for line in NAMES.read_text().splitlines() if not line.startswith("#")]
+    expected = [line.rstrip("\n") for line in RELEASE_NAMES_FILE.read_text().splitlines() if not line.startswith("#")]
     actual = [f"{name}\t{tuple(t.shape)}" for name, t in golden_model.state_dict().items()]
     assert actual == expected
 
