@@ -170,7 +170,7 @@ def test_relative_position_index_is_a_non_persistent_device_buffer() -> None:
     assert len(index_buffers) == 5 and index_buffers[0].shape == (16, 16)
     # pos[c, i, j] = T[(j - i) + H, c]: the entry for row 2, column 5 reads table row 3 + 16.
     position = model.blocks1[0].token_mixing.smlp_block.relate_pos_h
-    assert torch.equal(position()[:, 2, 5], position.embeddings_table[19])
+    assert torch.equal(position()[2, 5], position.embeddings_table[19])
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

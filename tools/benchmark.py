@@ -18,7 +18,6 @@ import csv
 import importlib.util
 import json
 import multiprocessing
-import resource
 import statistics
 import subprocess
 import sys
@@ -150,7 +149,16 @@ def _peak_memory_child(revision: str | None, setting: Setting, train: bool, queu
     step = Step(build(load_implementation(revision), setting), setting, train)
     for _ in range(2):
         step()
-    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # kB -> MB on Linux
+    queue.put(peak_rss_mb())
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM, unlike getrusage's maxrss, is not inherited from the
+    parent's size when a spawned child is forked and executed, so it measures the child alone."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB -> MB
+    raise SystemExit("error: peak CPU memory needs Linux's /proc/self/status; use --no-memory")
 
 
 def peak_memory_mb(revision: str | None, setting: Setting, train: bool) -> float:
