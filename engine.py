@@ -10,6 +10,7 @@ import datetime
 import logging
 import math
 import resource
+import statistics
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -232,24 +233,43 @@ def validate(model: nn.Module, loader: Iterable, settings: StepSettings, logger:
 
 
 @torch.no_grad()
-def throughput(model: nn.Module, images: torch.Tensor, settings: StepSettings, logger: logging.Logger,
-               warmup: int = 50, iterations: int = 30) -> dict[str, float]:
-    """Images per second of the forward pass on one batch, after ``warmup`` untimed passes.
-
-    The device is synchronised before and after the timed passes so queued kernels are counted.
-    """
-    model.eval()
-    device = settings.env.device
-    images, _ = _to_device(images, torch.zeros(0), settings)
-    with torch.autocast(device.type, dtype=settings.amp_dtype, enabled=settings.amp_enabled):
+def time_paired(steps: list[Callable[[], None]], device: torch.device, warmup: int, repeats: int
+                ) -> list[list[float]]:
+    """Seconds per run of each step, alternating between the steps run by run after ``warmup`` untimed runs,
+    so that several implementations see the same machine state. Each run is synchronised."""
+    for step in steps:
         for _ in range(warmup):
+            step()
+    synchronize(device)
+    seconds: list[list[float]] = [[] for _ in steps]
+    for _ in range(repeats):
+        for index, step in enumerate(steps):
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            seconds[index].append(time.perf_counter() - start)
+    return seconds
+
+
+def images_per_second(batch_size: int, seconds: list[float]) -> dict[str, float]:
+    """Median, min and max images/s over timed runs of one batch each."""
+    rates = [batch_size / s for s in seconds]
+    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates)}
+
+
+def throughput(model: nn.Module, images: torch.Tensor, settings: StepSettings, logger: logging.Logger,
+               warmup: int = 5, repeats: int = 10) -> dict[str, float]:
+    """Images per second of the eval forward pass on one batch: the median of ``repeats`` synchronised runs
+    after ``warmup`` untimed ones, measured as ``tools/benchmark.py`` does."""
+    model.eval()
+    images, _ = _to_device(images, torch.zeros(0), settings)
+    autocast = torch.autocast(settings.env.device.type, dtype=settings.amp_dtype, enabled=settings.amp_enabled)
+
+    def forward() -> None:
+        with torch.inference_mode(), autocast:
             model(images)
-        synchronize(device)
-        start = time.time()
-        for _ in range(iterations):
-            model(images)
-        synchronize(device)
-    elapsed = time.time() - start
-    rate = iterations * images.shape[0] / elapsed
-    logger.info(f"batch_size {images.shape[0]} throughput {rate:.1f} images/s")
-    return {"images_per_s": rate, "batch_size": images.shape[0]}
+
+    rates = images_per_second(images.shape[0], time_paired([forward], settings.env.device, warmup, repeats)[0])
+    logger.info(f"batch_size {images.shape[0]} throughput {rates['median']:.1f} images/s "
+                f"(median of {repeats}; min {rates['min']:.1f}, max {rates['max']:.1f})")
+    return {"images_per_s": rates["median"], "batch_size": images.shape[0]}

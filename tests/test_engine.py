@@ -155,7 +155,7 @@ def test_validate_counts_exactly() -> None:
 
 def test_throughput_measures_images_per_second() -> None:
     model = StripMLPNet(img_size=32, num_classes=4, embed_dim=8, layers=(1, 1, 1, 1))
-    result = throughput(model, torch.randn(2, 3, 32, 32), settings(), LOGGER, warmup=1, iterations=2)
+    result = throughput(model, torch.randn(2, 3, 32, 32), settings(), LOGGER, warmup=1, repeats=2)
     assert result["images_per_s"] > 0 and result["batch_size"] == 2
     assert not model.training
 

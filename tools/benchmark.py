@@ -18,11 +18,8 @@ import csv
 import importlib.util
 import json
 import multiprocessing
-import statistics
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
@@ -33,6 +30,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from engine import images_per_second, time_paired  # noqa: E402  (the repository is on the path only now)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODEL_FILE = "models/strip_mlp.py"
@@ -88,11 +87,6 @@ def count_macs(model: torch.nn.Module, setting: Setting) -> float:
     return counter.get_total_flops() / 2 / 1e9
 
 
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 class Step:
     """One timed unit of work on a fixed random batch: an eval forward, or a full training step."""
 
@@ -120,28 +114,6 @@ class Step:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-
-
-def time_paired(steps: list[Callable[[], None]], device: str, warmup: int, repeats: int) -> list[list[float]]:
-    """Seconds per run of each step, alternating between the steps run by run after warm-up."""
-    for step in steps:
-        for _ in range(warmup):
-            step()
-    synchronize(device)
-    seconds: list[list[float]] = [[] for _ in steps]
-    for _ in range(repeats):
-        for index, step in enumerate(steps):
-            start = time.perf_counter()
-            step()
-            synchronize(device)
-            seconds[index].append(time.perf_counter() - start)
-    return seconds
-
-
-def rates(batch_size: int, seconds: list[float]) -> dict[str, float]:
-    images_per_second = [batch_size / s for s in seconds]
-    return {"median": statistics.median(images_per_second), "min": min(images_per_second),
-            "max": max(images_per_second)}
 
 
 def _peak_memory_child(revision: str | None, setting: Setting, train: bool, queue) -> None:
@@ -190,9 +162,9 @@ def benchmark(setting: Setting, revisions: list[str | None], modes: list[str], w
     for mode in modes:
         train = mode == "train"
         steps = [Step(model, setting, train) for model in models]
-        seconds = time_paired(steps, setting.device, warmup, repeats)
+        seconds = time_paired(steps, torch.device(setting.device), warmup, repeats)
         for row, revision, run_seconds in zip(rows, revisions, seconds, strict=True):
-            for statistic, value in rates(setting.batch_size, run_seconds).items():
+            for statistic, value in images_per_second(setting.batch_size, run_seconds).items():
                 row[f"{mode}_img_s_{statistic}"] = value
             if measure_memory:
                 row[f"{mode}_peak_mb"] = peak_memory_mb(revision, setting, train)
