@@ -232,7 +232,6 @@ def validate(model: nn.Module, loader: Iterable, settings: StepSettings, logger:
     return metrics
 
 
-@torch.no_grad()
 def time_paired(steps: list[Callable[[], None]], device: torch.device, warmup: int, repeats: int
                 ) -> list[list[float]]:
     """Seconds per run of each step, alternating between the steps run by run after ``warmup`` untimed runs,
