@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from yacs.config import CfgNode
 
 import models
-from models.strip_mlp import StripMLPNet, checkpoint_filter_fn
+from models.strip_mlp import ChannelMixing, StripMLPNet, checkpoint_filter_fn
 
 # name: (parameters, MACs in G) at 224 x 224 with 1000 classes, as measured on the release.
 RELEASE_SIZES = {
@@ -220,3 +220,23 @@ def test_cuda_matches_cpu(golden: dict, golden_model: StripMLPNet) -> None:
     with torch.no_grad():
         logits = model(golden["input"].cuda()).cpu()
     assert_close_to_golden(logits, golden["logits"])
+
+
+def test_grn_and_channel_mixing_follow_the_specification() -> None:
+    """ChannelMixing folds GRN's shift into fc2 and runs fc1/fc2 as 1x1 convolutions; it must equal
+    conv_77 -> LayerNorm -> fc1 -> GELU -> GRN -> fc2 written out as the specification states it."""
+    torch.manual_seed(0)
+    block = ChannelMixing(channels=16, alpha=3)
+    torch.nn.init.normal_(block.grn.gamma)
+    torch.nn.init.normal_(block.grn.beta)
+    x = torch.randn(2, 16, 8, 8)
+
+    z = torch.nn.functional.gelu(block.fc1(block.layer_norm(block.conv_77(x).permute(0, 2, 3, 1))))
+    g = torch.sqrt((z ** 2).sum(dim=(1, 2), keepdim=True))  # L2 norm over H and W
+    grn = block.grn.gamma * (z * (g / (g.mean(dim=-1, keepdim=True) + 1e-6))) + block.grn.beta + z
+    expected = block.fc2(grn).permute(0, 3, 1, 2)
+
+    assert torch.allclose(block.grn(z), grn, atol=1e-5)
+    assert torch.allclose(block(x), expected, atol=1e-5)
+    channels_last = x.contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(block(channels_last), expected, atol=1e-5)
