@@ -69,7 +69,7 @@ def test_eval_without_a_checkpoint_is_an_error(trained: Path, capsys) -> None:
 
 
 def test_throughput_mode(trained: Path, capsys, monkeypatch) -> None:
-    monkeypatch.setattr(main, "throughput", functools.partial(engine.throughput, warmup=2, iterations=3))
+    monkeypatch.setattr(main, "throughput", functools.partial(engine.throughput, warmup=2, repeats=3))
     assert main.main(["--cfg", str(trained / "config.yaml"), "--throughput", "--tag", "speed"]) == 0
     assert "images/s" in capsys.readouterr().out
 
