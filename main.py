@@ -247,7 +247,10 @@ def run(config: CfgNode, env: DistEnv, logger: logging.Logger) -> int:
 
     state.scheduler.step_update(state.global_step)
     metrics_log = MetricsLog(output_dir, enabled=env.is_main)
-    logger.info(f"training epochs {start_epoch}..{config.TRAIN.EPOCHS - 1}, {updates_per_epoch} updates per epoch")
+    if start_epoch < config.TRAIN.EPOCHS:
+        logger.info(f"training epochs {start_epoch}..{config.TRAIN.EPOCHS - 1}, {updates_per_epoch} updates per epoch")
+    else:
+        logger.info(f"all {config.TRAIN.EPOCHS} epochs are already trained; raise TRAIN.EPOCHS to train more")
     try:
         for epoch in range(start_epoch, config.TRAIN.EPOCHS):
             seed_everything(epoch_seed(config.SEED, env.rank, epoch))
