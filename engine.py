@@ -14,6 +14,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -75,10 +76,19 @@ def synchronize(device: torch.device) -> None:
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this process: allocated device memory on CUDA, the resident set size on the CPU."""
+    """Peak memory of this process: allocated device memory on CUDA, the peak resident set on the CPU.
+
+    On Linux the CPU figure is VmHWM, which, unlike getrusage's maxrss, does not start from the parent's
+    size in a process that a launcher forked and executed.
+    """
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB -> MB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _to_device(images: torch.Tensor, targets: torch.Tensor, settings: StepSettings

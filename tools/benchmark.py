@@ -31,7 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine import images_per_second, time_paired  # noqa: E402  (the repository is on the path only now)
+from engine import images_per_second, peak_memory_mb, time_paired  # noqa: E402  (the repository is on the path only now)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODEL_FILE = "models/strip_mlp.py"
@@ -121,27 +121,18 @@ def _peak_memory_child(revision: str | None, setting: Setting, train: bool, queu
     step = Step(build(load_implementation(revision), setting), setting, train)
     for _ in range(2):
         step()
-    queue.put(peak_rss_mb())
+    queue.put(peak_memory_mb(torch.device("cpu")))
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory. VmHWM, unlike getrusage's maxrss, is not inherited from the
-    parent's size when a spawned child is forked and executed, so it measures the child alone."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024  # kB -> MB
-    raise SystemExit("error: peak CPU memory needs Linux's /proc/self/status; use --no-memory")
-
-
-def peak_memory_mb(revision: str | None, setting: Setting, train: bool) -> float:
-    """Peak memory of two steps: RSS of a fresh process on CPU, the caching allocator's peak on CUDA."""
+def measure_peak_memory(revision: str | None, setting: Setting, train: bool) -> float:
+    """Peak memory of two steps: of a fresh process on CPU, of the caching allocator on CUDA."""
     if setting.device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         step = Step(build(load_implementation(revision), setting), setting, train)
         for _ in range(2):
             step()
-        return torch.cuda.max_memory_allocated() / 2**20
+        return peak_memory_mb(torch.device(setting.device))
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     child = context.Process(target=_peak_memory_child, args=(revision, setting, train, queue))
@@ -167,7 +158,7 @@ def benchmark(setting: Setting, revisions: list[str | None], modes: list[str], w
             for statistic, value in images_per_second(setting.batch_size, run_seconds).items():
                 row[f"{mode}_img_s_{statistic}"] = value
             if measure_memory:
-                row[f"{mode}_peak_mb"] = peak_memory_mb(revision, setting, train)
+                row[f"{mode}_peak_mb"] = measure_peak_memory(revision, setting, train)
     return rows
 
 
