@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from yacs.config import CfgNode
 
 import models
-from models.strip_mlp import ChannelMixing, StripMLPNet, checkpoint_filter_fn
+from models.strip_mlp import ChannelMixing, StripMLPNet, checkpoint_filter_fn, depthwise_conv
 
 # name: (parameters, MACs in G) at 224 x 224 with 1000 classes, as measured on the release.
 RELEASE_SIZES = {
@@ -240,3 +240,32 @@ def test_grn_and_channel_mixing_follow_the_specification() -> None:
     assert torch.allclose(block(x), expected, atol=1e-5)
     channels_last = x.contiguous(memory_format=torch.channels_last)
     assert torch.allclose(block(channels_last), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", [(7, 7), (3, 7), (5, 5), (3, 3)])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_depthwise_conv_gradients_equal_conv2d(kernel: tuple[int, int], memory_format) -> None:
+    """The window-assembled weight gradient of wide depthwise kernels equals autograd through Conv2d."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 6, kernel, padding=(kernel[0] // 2, kernel[1] // 2), groups=6, bias=False)
+    x = torch.randn(3, 6, 9, 11).contiguous(memory_format=memory_format)
+    grad = torch.randn(3, 6, 9, 11)
+    inputs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    outputs = [depthwise_conv(inputs[0], conv), conv(inputs[1])]
+    assert torch.equal(outputs[0], outputs[1])
+    (ours_x, ours_w), (expected_x, expected_w) = (
+        torch.autograd.grad(out, (inp, conv.weight), grad) for out, inp in zip(outputs, inputs, strict=True))
+    assert torch.allclose(ours_x, expected_x, atol=1e-5)
+    assert torch.allclose(ours_w, expected_w, atol=1e-4, rtol=1e-5)
+
+
+def test_depthwise_conv_under_autocast_keeps_parameter_and_input_dtypes() -> None:
+    conv = torch.nn.Conv2d(4, 4, 7, padding=3, groups=4, bias=False)
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = depthwise_conv(x, conv)
+    assert out.dtype == torch.bfloat16
+    out.float().square().sum().backward()
+    assert x.grad.dtype == torch.float32 and conv.weight.grad.dtype == torch.float32
+    reference = torch.autograd.grad(conv(x.detach().requires_grad_()).square().sum(), conv.weight)[0]
+    assert torch.allclose(conv.weight.grad, reference, rtol=0.05, atol=0.05 * reference.abs().max().item())
