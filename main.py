@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch._inductor.config
 import torch.distributed as dist
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3, distribute_bn
@@ -208,7 +209,13 @@ def run(config: CfgNode, env: DistEnv, logger: logging.Logger) -> int:
         forward_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[env.local_rank] if env.device.type == "cuda" else None, forward_sync_buffers=False)
     if config.COMPILE:
-        forward_model = torch.compile(forward_model)
+        # A run that only evaluates never changes the weights, so inductor may fold them, and the
+        # BatchNorms, into its graph as constants (faster on the CPU); a training run must not, or its
+        # validation would see the weights of the first epoch. Frozen graphs get static shapes: with a
+        # dynamic batch size, inductor's fused oneDNN convolutions can fail their stride checks.
+        frozen = config.EVAL_MODE or config.THROUGHPUT_MODE
+        torch._inductor.config.freezing = frozen
+        forward_model = torch.compile(forward_model, dynamic=False if frozen else None)
     updates_per_epoch = math.ceil(len(train_loader) / settings.accumulation_steps)
     state = TrainState(
         model=forward_model,

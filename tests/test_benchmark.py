@@ -54,16 +54,20 @@ def test_paired_baseline_revision_is_timed_beside_the_current_model(tmp_path: Pa
 
 
 @pytest.mark.slow
-def test_compiled_model(tmp_path: Path) -> None:
-    result = run_benchmark("--compile", "--mode", "eval", "--no-memory", "--json", str(tmp_path / "rows.jsonl"))
+def test_compiled_model_is_timed_beside_the_eager_one(tmp_path: Path) -> None:
+    result = run_benchmark("--compile", "--eager-baseline", "--mode", "eval", "--no-memory",
+                           "--json", str(tmp_path / "rows.jsonl"))
     assert result.returncode == 0, result.stderr
-    assert json.loads((tmp_path / "rows.jsonl").read_text())["compile"] is True
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert [(row["implementation"], row["compile"]) for row in rows] == [("current", True), ("current eager", False)]
+    assert "eval_img_s_median: current / current eager = " in result.stdout
 
 
 @pytest.mark.parametrize(("options", "message"), [
     (["--img-size", "100"], "--img-size 100 is not divisible by 32"),
     (["--model", "strip_mlp_huge"], "unknown model 'strip_mlp_huge'; valid: strip_mlp_tiny_light"),
     (["--baseline", "no-such-revision"], "cannot read models/strip_mlp.py at revision 'no-such-revision'"),
+    (["--eager-baseline"], "--eager-baseline compares against --compile; add --compile"),
 ])
 def test_bad_options_fail_with_one_line(options: list[str], message: str) -> None:
     result = run_benchmark(*options, "--no-memory")

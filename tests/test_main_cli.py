@@ -63,6 +63,22 @@ def test_eval_of_a_checkpoint_prints_the_release_summary(trained: Path, capsys) 
     assert f" * Acc@1 {last['acc1']:.3f} Acc@5 {last['acc5']:.3f}" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_compiled_eval_folds_the_loaded_weights_and_gives_the_same_result(trained: Path, capsys,
+                                                                          monkeypatch) -> None:
+    """An eval-only run compiles with inductor's freezing, which bakes in the weights present at the
+    first call: they must be the checkpoint's, so the summary equals the eager evaluation's."""
+    monkeypatch.setattr(torch._inductor.config, "freezing", False)
+    config = str(trained / "config.yaml")
+    resume = ["--resume", str(trained / "latest.pth")]
+    summaries = []
+    for tag, opts in (("eager", []), ("compiled", ["--opts", "COMPILE", "True"])):
+        assert main.main(["--cfg", config, "--eval", *resume, "--tag", tag, *opts]) == 0
+        summaries.append([line for line in capsys.readouterr().out.splitlines() if " * Acc@1 " in line][-1])
+    assert torch._inductor.config.freezing is True
+    assert summaries[0].split(" * ")[1] == summaries[1].split(" * ")[1]
+
+
 def test_eval_without_a_checkpoint_is_an_error(trained: Path, capsys) -> None:
     assert main.main(["--cfg", str(trained / "config.yaml"), "--eval", "--tag", "eval2"]) == 1
     assert "--eval needs weights to evaluate" in capsys.readouterr().out

@@ -3,7 +3,8 @@
 Each timing is the median of several timed runs after warm-up, reported with min and max. With
 `--baseline REV` the model file as it was at git revision REV is timed side by side with the
 current one in the same process, alternating run by run, so both see the same machine state;
-speed-ups are claimed from such paired runs only.
+speed-ups are claimed from such paired runs only. `--compile --eager-baseline` pairs the compiled
+current model with the eager one the same way.
 
     python tools/benchmark.py --model strip_mlp_tiny --batch-size 32 --dtype bf16 --baseline HEAD~3
 
@@ -20,12 +21,13 @@ import json
 import multiprocessing
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import ModuleType
 from unittest import mock
 
 import torch
+import torch._inductor.config
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,6 +98,8 @@ class Step:
                                   device=setting.device).contiguous(memory_format=memory_format)
         self.targets = torch.randint(0, 1000, (setting.batch_size,), device=setting.device)
         self.model = model.train(train)
+        # Eval-only graphs may fold the fixed weights and BatchNorms into constants, as main.py --eval does.
+        torch._inductor.config.freezing = not train
         self.forward = torch.compile(model) if setting.compile else model
         self.train = train
         self.autocast = torch.autocast(torch.device(setting.device).type, dtype=DTYPES[setting.dtype],
@@ -142,23 +146,42 @@ def measure_peak_memory(revision: str | None, setting: Setting, train: bool) -> 
     return peak
 
 
-def benchmark(setting: Setting, revisions: list[str | None], modes: list[str], warmup: int, repeats: int,
+@dataclass(frozen=True)
+class Implementation:
+    """What is timed: the model file at a git revision (None: the working tree), compiled or not."""
+
+    label: str
+    revision: str | None
+    setting: Setting
+
+
+def implementations(setting: Setting, baseline: str | None, eager_baseline: bool) -> list[Implementation]:
+    """The current model first, then what it is compared with."""
+    chosen = [Implementation("current", None, setting)]
+    if baseline is not None:
+        chosen.append(Implementation(baseline, baseline, setting))
+    if eager_baseline:
+        chosen.append(Implementation("current eager", None, replace(setting, compile=False)))
+    return chosen
+
+
+def benchmark(chosen: list[Implementation], modes: list[str], warmup: int, repeats: int,
               measure_memory: bool) -> list[dict]:
     """One result row per implementation: sizes, then eval and/or train rates, then peak memory."""
-    modules = [load_implementation(revision) for revision in revisions]
-    models = [build(module, setting) for module in modules]
-    rows = [{"implementation": revision or "current", **asdict(setting),
+    models = [build(load_implementation(impl.revision), impl.setting) for impl in chosen]
+    rows = [{"implementation": impl.label, **asdict(impl.setting),
              "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-             "gmacs": count_macs(model, setting)} for revision, model in zip(revisions, models, strict=True)]
+             "gmacs": count_macs(model, impl.setting)} for impl, model in zip(chosen, models, strict=True)]
+    device = torch.device(chosen[0].setting.device)
     for mode in modes:
         train = mode == "train"
-        steps = [Step(model, setting, train) for model in models]
-        seconds = time_paired(steps, torch.device(setting.device), warmup, repeats)
-        for row, revision, run_seconds in zip(rows, revisions, seconds, strict=True):
-            for statistic, value in images_per_second(setting.batch_size, run_seconds).items():
+        steps = [Step(model, impl.setting, train) for impl, model in zip(chosen, models, strict=True)]
+        seconds = time_paired(steps, device, warmup, repeats)
+        for row, impl, run_seconds in zip(rows, chosen, seconds, strict=True):
+            for statistic, value in images_per_second(impl.setting.batch_size, run_seconds).items():
                 row[f"{mode}_img_s_{statistic}"] = value
             if measure_memory:
-                row[f"{mode}_peak_mb"] = measure_peak_memory(revision, setting, train)
+                row[f"{mode}_peak_mb"] = measure_peak_memory(impl.revision, impl.setting, train)
     return rows
 
 
@@ -167,10 +190,10 @@ def print_table(rows: list[dict]) -> None:
     print("  ".join(f"{c:>18}" for c in columns))
     for row in rows:
         print("  ".join(f"{row[c]:>18.2f}" if isinstance(row[c], float) else f"{row[c]!s:>18}" for c in columns))
-    if len(rows) == 2:
+    for other in rows[1:]:
         for key in rows[0]:
             if key.endswith("_img_s_median"):
-                print(f"{key}: current / {rows[1]['implementation']} = {rows[0][key] / rows[1][key]:.2f}x")
+                print(f"{key}: current / {other['implementation']} = {rows[0][key] / other[key]:.2f}x")
 
 
 def write_rows(rows: list[dict], csv_path: Path | None, json_path: Path | None) -> None:
@@ -202,12 +225,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs per implementation and mode")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per implementation and mode")
     parser.add_argument("--baseline", metavar="REV", help="also time the model file at this git revision, paired")
+    parser.add_argument("--eager-baseline", action="store_true",
+                        help="with --compile: also time the current model without torch.compile, paired")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--csv", type=Path, help="append result rows to this CSV file")
     parser.add_argument("--json", type=Path, help="append result rows to this JSON-lines file")
     args = parser.parse_args(argv)
     if args.img_size % 32 != 0:
         parser.error(f"--img-size {args.img_size} is not divisible by 32")
+    if args.eager_baseline and not args.compile:
+        parser.error("--eager-baseline compares against --compile; add --compile")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA device is available; use --device cpu")
     return args
@@ -220,8 +247,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     setting = Setting(args.model, args.img_size, args.batch_size, args.dtype, args.channels_last, args.compile,
                       args.device)
     modes = ["eval", "train"] if args.mode == "both" else [args.mode]
-    revisions = [None] if args.baseline is None else [None, args.baseline]
-    rows = benchmark(setting, revisions, modes, args.warmup, args.repeats, not args.no_memory)
+    chosen = implementations(setting, args.baseline, args.eager_baseline)
+    rows = benchmark(chosen, modes, args.warmup, args.repeats, not args.no_memory)
     print(f"{setting}")
     print_table(rows)
     write_rows(rows, args.csv, args.json)
