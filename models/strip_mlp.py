@@ -221,6 +221,24 @@ class TokenMixing(nn.Module):
         return self.smlp_block(self.dwsc(x))
 
 
+class _SpatialSumOfSquares(torch.autograd.Function):
+    """The sum over H and W of z ** 2 for z of shape (N, H, W, K), as float32 at least: (N, K).
+
+    Autograd's backward of `square` makes three passes over the full tensor (z ** 1, times 2, times
+    the gradient); this backward makes one, z * 2g, with 2g formed on the small (N, K) gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(z)
+        return z.square().sum(dim=(1, 2)).to(torch.promote_types(z.dtype, torch.float32))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (z,) = ctx.saved_tensors
+        return z * (2 * grad).to(z.dtype)[:, None, None, :]
+
+
 class GRN(nn.Module):
     """Global response normalisation (ConvNeXt V2) over channels-last input z of shape (N, H, W, K):
     out = gamma * (z * m) + beta + z, with m the spatial L2 norm of z relative to its channel mean.
@@ -234,8 +252,7 @@ class GRN(nn.Module):
     def scale(self, x: torch.Tensor) -> torch.Tensor:
         """Per-sample, per-channel factor s = 1 + gamma * m, so that GRN(z) = z * s + beta. Shape (N, K)."""
         # The square root of a sum of squares: several times faster than linalg.vector_norm over these dims.
-        # The sum accumulates in float32 whatever the input's dtype.
-        spatial_norm = x.square().sum(dim=(1, 2)).float().sqrt()  # (N, K)
+        spatial_norm = _SpatialSumOfSquares.apply(x).sqrt()  # (N, K)
         relative = spatial_norm / (spatial_norm.mean(dim=-1, keepdim=True) + 1e-6)
         return torch.addcmul(torch.ones_like(relative), self.gamma.flatten(), relative)
 

@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from yacs.config import CfgNode
 
 import models
-from models.strip_mlp import ChannelMixing, StripMLPNet, checkpoint_filter_fn, depthwise_conv
+from models.strip_mlp import GRN, ChannelMixing, StripMLPNet, checkpoint_filter_fn, depthwise_conv
 
 # name: (parameters, MACs in G) at 224 x 224 with 1000 classes, as measured on the release.
 RELEASE_SIZES = {
@@ -269,3 +269,23 @@ def test_depthwise_conv_under_autocast_keeps_parameter_and_input_dtypes() -> Non
     assert x.grad.dtype == torch.float32 and conv.weight.grad.dtype == torch.float32
     reference = torch.autograd.grad(conv(x.detach().requires_grad_()).square().sum(), conv.weight)[0]
     assert torch.allclose(conv.weight.grad, reference, rtol=0.05, atol=0.05 * reference.abs().max().item())
+
+
+def test_grn_gradients_equal_those_of_the_specification_formula() -> None:
+    """GRN's norm has a hand-written backward; its gradients must equal autograd's through the formula."""
+    torch.manual_seed(0)
+    grn = GRN(12)
+    torch.nn.init.normal_(grn.gamma)
+    torch.nn.init.normal_(grn.beta)
+    z = torch.randn(3, 5, 4, 12, dtype=torch.float64)
+    grn = grn.double()
+    upstream = torch.randn_like(z)
+
+    ours = z.clone().requires_grad_()
+    (grn(ours) * upstream).sum().backward()
+    reference = z.clone().requires_grad_()
+    g = torch.sqrt((reference ** 2).sum(dim=(1, 2), keepdim=True))
+    formula = grn.gamma * (reference * (g / (g.mean(dim=-1, keepdim=True) + 1e-6))) + grn.beta + reference
+    expected = torch.autograd.grad((formula * upstream).sum(), (reference, grn.gamma))
+    assert torch.allclose(ours.grad, expected[0], atol=1e-10)
+    assert torch.allclose(grn.gamma.grad, expected[1], atol=1e-10)
