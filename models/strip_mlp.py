@@ -172,7 +172,9 @@ class StripMixingBlock(nn.Module):
         channel dimension and back, in channels-last layouts (faster in oneDNN and cuDNN). The
         tokens are copied into the projection's input layout first and the position term, laid out
         alike, is added in place there: an addition that reads the transposed view directly is
-        twice as slow in bfloat16.
+        twice as slow in bfloat16. The copies read the channels-last memory through its (N, H, W, C)
+        view, so that their gradients come back channels-last too; element-wise backward passes
+        that mix layouts are up to 10x slower.
         """
         n, c, h, w = x.shape
         g = self.chunk_channels
@@ -180,16 +182,16 @@ class StripMixingBlock(nn.Module):
         # Position terms, mixing weights and GRN scales are cast to the activations' dtype so that
         # under autocast the wide element-wise products stay in the low precision.
         pos_h = self.relate_pos_h().to(x.dtype).reshape(h, w, p, g).permute(2, 0, 3, 1).contiguous()  # (P, H, G, W)
-        rows = x.reshape(n, p, g, h, w).permute(0, 1, 3, 2, 4).clone(memory_format=torch.contiguous_format)
-        rows = rows.add_(pos_h)  # (N, P, H, G, W)
+        rows = x.permute(0, 2, 3, 1).reshape(n, h, w, p, g).permute(0, 3, 1, 4, 2)  # (N, P, H, G, W)
+        rows = rows.clone(memory_format=torch.contiguous_format).add_(pos_h)
         rows = self.proj_h(rows.reshape(n, p, h, g * w).permute(0, 3, 1, 2))  # (N, G*W, P, H)
         rows = rows.permute(0, 2, 3, 1).reshape(n, p, h, g, w).permute(0, 2, 4, 1, 3)  # (N, H, W, P, G)
         rows = _channels_last(rows)  # (N, C, H, W)
 
         cols = self.act(self.BN(self.fuse_h(torch.cat([rows, x], dim=1))))
         pos_w = self.relate_pos_w().to(x.dtype).reshape(h, w, p, g).permute(2, 1, 3, 0).contiguous()  # (P, W, G, H)
-        cols = cols.reshape(n, p, g, h, w).permute(0, 1, 4, 2, 3).clone(memory_format=torch.contiguous_format)
-        cols = cols.add_(pos_w)  # (N, P, W, G, H)
+        cols = cols.permute(0, 2, 3, 1).reshape(n, h, w, p, g).permute(0, 3, 2, 4, 1)  # (N, P, W, G, H)
+        cols = cols.clone(memory_format=torch.contiguous_format).add_(pos_w)
         cols = self.proj_w(cols.reshape(n, p, w, g * h).permute(0, 3, 1, 2))  # (N, G*H, P, W)
         cols = cols.permute(0, 2, 3, 1).reshape(n, p, w, g, h).permute(0, 4, 2, 1, 3)  # (N, H, W, P, G)
         return self.fuse_w(torch.cat([x, _channels_last(cols)], dim=1))
@@ -197,10 +199,12 @@ class StripMixingBlock(nn.Module):
     def lsmm(self, x: torch.Tensor) -> torch.Tensor:
         """Local strip mixing: a 7x3 and a 3x7 depthwise strip, and the identity, blended with
         per-channel softmax weights computed from their pooled sum."""
-        n, c = x.shape[:2]
+        n, c, h, w = x.shape
         tall = self.fc_w(x)  # 7 high, 3 wide
         wide = depthwise_conv(x, self.fc_h)  # 3 high, 7 wide
-        pooled = tall.mean(dim=(2, 3)) + wide.mean(dim=(2, 3)) + x.mean(dim=(2, 3))  # (N, C)
+        # Sums, then one division on (N, C): mean's backward would materialise its broadcast gradient in
+        # NCHW order, and adding that to the channels-last gradients is slow; sum's stays a broadcast view.
+        pooled = (tall.sum(dim=(2, 3)) + wide.sum(dim=(2, 3)) + x.sum(dim=(2, 3))) / (h * w)  # (N, C)
         weights = self.reweight(pooled[:, :, None, None]).reshape(n, c, 3).softmax(dim=2)  # (N, C, 3)
         # Each branch's weights contiguous over channels, as the channels-last activations are: with a
         # stride of 3 the broadcast products fall off the vectorised path (6x slower in bfloat16).
