@@ -225,27 +225,50 @@ class TokenMixing(nn.Module):
         return self.smlp_block(self.dwsc(x))
 
 
-class _SpatialSumOfSquares(torch.autograd.Function):
-    """The sum over H and W of z ** 2 for z of shape (N, H, W, K), as float32 at least: (N, K).
+def _grn_factor(spatial_norm: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """GRN's per-sample, per-channel factor s = 1 + gamma * r, r = ||z|| / (mean over channels + 1e-6): (N, K)."""
+    relative = spatial_norm / (spatial_norm.mean(dim=-1, keepdim=True) + 1e-6)
+    return torch.addcmul(torch.ones_like(relative), gamma, relative)
 
-    Autograd's backward of `square` makes three passes over the full tensor (z ** 1, times 2, times
-    the gradient); this backward makes one, z * 2g, with 2g formed on the small (N, K) gradient.
+
+class _GRNScaling(torch.autograd.Function):
+    """z * s for z of shape (N, H, W, K) and GRN's factor s of z (see _grn_factor), gamma of shape (K,).
+
+    The backward is written out because autograd's makes five passes over z-sized tensors (the
+    product's two gradients, the square's, and the sum of the two gradients of z); this one makes
+    three: the reduction of g * z that gives the factor's gradient, and dz = g * s + z * c, where c,
+    like every other quantity here, is a small (N, K) tensor.
     """
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(z)
-        return z.square().sum(dim=(1, 2)).to(torch.promote_types(z.dtype, torch.float32))
+    def forward(ctx, z: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        # The square root of a sum of squares: several times faster than linalg.vector_norm over these dims.
+        spatial_norm = z.square().sum(dim=(1, 2)).to(torch.promote_types(z.dtype, torch.float32)).sqrt()  # (N, K)
+        factor = _grn_factor(spatial_norm, gamma)
+        ctx.save_for_backward(z, gamma, spatial_norm, factor)
+        return z * factor.to(z.dtype)[:, None, None, :]
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (z,) = ctx.saved_tensors
-        return z * (2 * grad).to(z.dtype)[:, None, None, :]
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z, gamma, spatial_norm, factor = ctx.saved_tensors
+        channels = spatial_norm.shape[-1]
+        shifted_mean = spatial_norm.mean(dim=-1, keepdim=True) + 1e-6  # (N, 1)
+        grad_factor = (grad * z).sum(dim=(1, 2)).to(factor.dtype)  # (N, K)
+        grad_gamma = (grad_factor * spatial_norm / shifted_mean).sum(dim=0)  # (K,)
+        grad_relative = grad_factor * gamma
+        # r_k = n_k / (mean(n) + eps): each n_j also moves the mean.
+        grad_norm = (grad_relative / shifted_mean
+                     - (grad_relative * spatial_norm).sum(dim=-1, keepdim=True) / (shifted_mean ** 2 * channels))
+        coefficient = torch.where(spatial_norm > 0, grad_norm / spatial_norm, 0.0)  # d||z||/dz = z / ||z||
+        grad_z = torch.addcmul(grad * factor.to(grad.dtype)[:, None, None, :], z,
+                               coefficient.to(z.dtype)[:, None, None, :])
+        return grad_z, grad_gamma.to(gamma.dtype)
 
 
 class GRN(nn.Module):
     """Global response normalisation (ConvNeXt V2) over channels-last input z of shape (N, H, W, K):
     out = gamma * (z * m) + beta + z, with m the spatial L2 norm of z relative to its channel mean.
+    GRN is affine per sample, GRN(z) = z * s + beta, so callers can fold beta into what follows.
     """
 
     def __init__(self, channels: int) -> None:
@@ -253,15 +276,12 @@ class GRN(nn.Module):
         self.gamma = nn.Parameter(torch.zeros(1, 1, 1, channels))
         self.beta = nn.Parameter(torch.zeros(1, 1, 1, channels))
 
-    def scale(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-sample, per-channel factor s = 1 + gamma * m, so that GRN(z) = z * s + beta. Shape (N, K)."""
-        # The square root of a sum of squares: several times faster than linalg.vector_norm over these dims.
-        spatial_norm = _SpatialSumOfSquares.apply(x).sqrt()  # (N, K)
-        relative = spatial_norm / (spatial_norm.mean(dim=-1, keepdim=True) + 1e-6)
-        return torch.addcmul(torch.ones_like(relative), self.gamma.flatten(), relative)
+    def scaled(self, x: torch.Tensor) -> torch.Tensor:
+        """z * s, GRN without its shift beta: (N, H, W, K)."""
+        return _GRNScaling.apply(x, self.gamma.flatten())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(self.beta, x, self.scale(x)[:, None, None, :])
+        return self.scaled(x) + self.beta
 
 
 class ChannelMixing(nn.Module):
@@ -285,10 +305,10 @@ class ChannelMixing(nn.Module):
         x = depthwise_conv(x, self.conv_77)
         x = self.layer_norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # normalised over D, (N, D, H, W)
         hidden = self.act(F.conv2d(x, self.fc1.weight[:, :, None, None], self.fc1.bias))  # (N, K, H, W)
-        scale = self.grn.scale(hidden.permute(0, 2, 3, 1)).to(hidden.dtype)  # (N, K)
+        scaled = self.grn.scaled(hidden.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (N, K, H, W)
         # W beta + b costs K x D once per batch, independent of the images.
         bias = torch.addmv(self.fc2.bias, self.fc2.weight, self.grn.beta.flatten())  # (D,)
-        return F.conv2d(hidden * scale[:, :, None, None], self.fc2.weight[:, :, None, None], bias)
+        return F.conv2d(scaled, self.fc2.weight[:, :, None, None], bias)
 
 
 class BasicBlock(nn.Module):
