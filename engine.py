@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch._inductor.config
 import torch.nn.functional as F
 from timm.scheduler.scheduler import Scheduler
 from timm.utils import ModelEmaV3
@@ -67,6 +68,16 @@ def _no_sync(model: nn.Module, skip_sync: bool) -> contextlib.AbstractContextMan
     if skip_sync and isinstance(inner, nn.parallel.DistributedDataParallel):
         return inner.no_sync()
     return contextlib.nullcontext()
+
+
+def compile_model(model: nn.Module, inference_only: bool) -> nn.Module:
+    """torch.compile(model). A model whose weights never change again (evaluation, throughput) is frozen:
+    inductor folds the weights, and the BatchNorms, into its graph as constants, which is faster on the
+    CPU; a model still being trained must not be, or its validation would see stale weights. Frozen
+    graphs get static shapes: with a dynamic batch size, inductor's fused oneDNN convolutions can fail
+    their stride checks."""
+    torch._inductor.config.freezing = inference_only
+    return torch.compile(model, dynamic=False if inference_only else None)
 
 
 def synchronize(device: torch.device) -> None:

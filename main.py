@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch._inductor.config
 import torch.distributed as dist
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3, distribute_bn
@@ -22,7 +21,7 @@ from yacs.config import CfgNode
 
 from config import dump_config, parse_option
 from data import DataError, build_loader
-from engine import StepSettings, TrainState, throughput, train_one_epoch, validate
+from engine import StepSettings, TrainState, compile_model, throughput, train_one_epoch, validate
 from logger import MetricsLog, close_logger, create_logger
 from lr_scheduler import build_scheduler, effective_learning_rates
 from models import build_model
@@ -209,13 +208,7 @@ def run(config: CfgNode, env: DistEnv, logger: logging.Logger) -> int:
         forward_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[env.local_rank] if env.device.type == "cuda" else None, forward_sync_buffers=False)
     if config.COMPILE:
-        # A run that only evaluates never changes the weights, so inductor may fold them, and the
-        # BatchNorms, into its graph as constants (faster on the CPU); a training run must not, or its
-        # validation would see the weights of the first epoch. Frozen graphs get static shapes: with a
-        # dynamic batch size, inductor's fused oneDNN convolutions can fail their stride checks.
-        frozen = config.EVAL_MODE or config.THROUGHPUT_MODE
-        torch._inductor.config.freezing = frozen
-        forward_model = torch.compile(forward_model, dynamic=False if frozen else None)
+        forward_model = compile_model(forward_model, inference_only=config.EVAL_MODE or config.THROUGHPUT_MODE)
     updates_per_epoch = math.ceil(len(train_loader) / settings.accumulation_steps)
     state = TrainState(
         model=forward_model,

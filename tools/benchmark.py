@@ -27,13 +27,12 @@ from types import ModuleType
 from unittest import mock
 
 import torch
-import torch._inductor.config
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine import images_per_second, peak_memory_mb, time_paired  # noqa: E402  (the repository is on the path only now)
+from engine import compile_model, images_per_second, peak_memory_mb, time_paired  # noqa: E402  (the repository is on the path only now)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODEL_FILE = "models/strip_mlp.py"
@@ -98,9 +97,7 @@ class Step:
                                   device=setting.device).contiguous(memory_format=memory_format)
         self.targets = torch.randint(0, 1000, (setting.batch_size,), device=setting.device)
         self.model = model.train(train)
-        # Eval-only graphs may fold the fixed weights and BatchNorms into constants, as main.py --eval does.
-        torch._inductor.config.freezing = not train
-        self.forward = torch.compile(model) if setting.compile else model
+        self.forward = compile_model(model, inference_only=not train) if setting.compile else model
         self.train = train
         self.autocast = torch.autocast(torch.device(setting.device).type, dtype=DTYPES[setting.dtype],
                                        enabled=setting.dtype != "fp32")
