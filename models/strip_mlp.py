@@ -54,12 +54,12 @@ class _WideDepthwiseConv(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         channels, _, kh, kw = weight.shape
         # Under autocast the forward ran in the gradient's precision; so does the backward.
-        x_low, weight_low = x.to(grad.dtype), weight.to(grad.dtype)
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_x = F.conv2d(grad, weight_low.flip(2, 3), None, 1, ctx.padding, 1, channels).to(x.dtype)
+            flipped = weight.to(grad.dtype).flip(2, 3)
+            grad_x = F.conv2d(grad, flipped, None, 1, ctx.padding, 1, channels).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            padded = F.pad(x_low, (kw // 2, kw // 2))  # (N, C, H, W + kw - 1)
+            padded = F.pad(x.to(grad.dtype), (kw // 2, kw // 2))  # (N, C, H, W + kw - 1)
             width = x.shape[-1] + 2  # a 3-wide window over this many columns yields W outputs
             windows = [torch.nn.grad.conv2d_weight(padded[..., start:start + width], (channels, 1, kh, 3), grad,
                                                    1, (ctx.padding[0], 0), 1, channels)
