@@ -16,22 +16,31 @@ from typing import Any
 import yaml
 from yacs.config import CfgNode as CN
 
-# Values a key may take; checked whenever a file, --opts or a flag sets the key.
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "DATA.DATASET": ("imagenet", "cifar10", "cifar100", "caltech101", "folder", "demo"),
-    "DATA.INTERPOLATION": ("bicubic", "bilinear"),
-    "MODEL.DROP_PATH_SCHEDULE": ("uniform", "linear"),
-    "TRAIN.LR_SCHEDULER.NAME": ("cosine", "linear", "step"),
-    "TRAIN.OPTIMIZER.NAME": ("adamw", "sgd"),
-    "TRAIN.LR_SCALING": ("linear", "none"),
-    "AUG.REMODE": ("pixel", "rand", "const"),
-    "AUG.MIXUP_MODE": ("batch", "pair", "elem"),
-    "AMP.DTYPE": ("bfloat16", "float16"),
-    "DEVICE": ("auto", "cpu", "cuda"),
+from data import DATASETS, INTERPOLATIONS, MIXUP_MODES, RANDOM_ERASING_MODES
+from distributed import DEVICES
+from engine import AMP_DTYPES
+from lr_scheduler import LR_SCALINGS, SCHEDULERS
+from models import DROP_PATH_SCHEDULES
+from optimizer import OPTIMIZERS
+from utils import RunError
+
+# Values a key may take, as the module that uses the key defines them; checked whenever a file, --opts or a
+# flag sets the key.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "DATA.DATASET": DATASETS,
+    "DATA.INTERPOLATION": INTERPOLATIONS,
+    "MODEL.DROP_PATH_SCHEDULE": DROP_PATH_SCHEDULES,
+    "TRAIN.LR_SCHEDULER.NAME": SCHEDULERS,
+    "TRAIN.OPTIMIZER.NAME": OPTIMIZERS,
+    "TRAIN.LR_SCALING": LR_SCALINGS,
+    "AUG.REMODE": RANDOM_ERASING_MODES,
+    "AUG.MIXUP_MODE": MIXUP_MODES,
+    "AMP.DTYPE": tuple(AMP_DTYPES),
+    "DEVICE": DEVICES,
 }
 
 
-class ConfigError(Exception):
+class ConfigError(RunError):
     """A bad config file, key or value; its message is one line meant for the user."""
 
 
@@ -43,7 +52,7 @@ def default_config() -> CN:
     c.DATA = CN()
     c.DATA.BATCH_SIZE = 64  # images per process (per GPU) and step
     c.DATA.DATA_PATH = ""  # dataset root; its expected layout depends on DATA.DATASET
-    c.DATA.DATASET = "imagenet"  # one of _CHOICES["DATA.DATASET"]
+    c.DATA.DATASET = "imagenet"  # one of CHOICES["DATA.DATASET"]
     c.DATA.IMG_SIZE = 224  # network input side; a multiple of the network's total stride (32)
     c.DATA.INTERPOLATION = "bicubic"  # resize interpolation for training and evaluation
     c.DATA.PIN_MEMORY = True  # page-locked host memory for faster copies to the GPU
@@ -70,11 +79,10 @@ def default_config() -> CN:
     c.MODEL.STRIP_MLP.IN_CHANS = 3  # input image channels
     c.MODEL.STRIP_MLP.EMBED_DIM = 80  # channels of the first stage (doubled at each later stage)
     c.MODEL.STRIP_MLP.LAYERS = [2, 2, 12, 2]  # blocks per stage
-    c.MODEL.STRIP_MLP.ALPHA = 3  # strip width of the strip-mixing MLPs (the paper's alpha)
+    c.MODEL.STRIP_MLP.ALPHA = 3  # expansion ratio of the ChannelMixing MLP (hidden width alpha x channels)
 
     # ---------------------------------------------------------------- training
     c.TRAIN = CN()
-    c.TRAIN.START_EPOCH = 0  # first epoch index (a resumed checkpoint sets it)
     c.TRAIN.EPOCHS = 300  # total training epochs
     c.TRAIN.WARMUP_EPOCHS = 20  # epochs of linear warm-up from WARMUP_LR to BASE_LR
     c.TRAIN.WEIGHT_DECAY = 0.05  # decoupled weight decay (not applied to norms and biases)
@@ -91,12 +99,12 @@ def default_config() -> CN:
     c.TRAIN.KEEP_CHECKPOINTS = 0  # how many epoch checkpoints to keep (oldest deleted first); 0 keeps all
 
     c.TRAIN.LR_SCHEDULER = CN()
-    c.TRAIN.LR_SCHEDULER.NAME = "cosine"  # one of _CHOICES["TRAIN.LR_SCHEDULER.NAME"]
+    c.TRAIN.LR_SCHEDULER.NAME = "cosine"  # one of CHOICES["TRAIN.LR_SCHEDULER.NAME"]
     c.TRAIN.LR_SCHEDULER.DECAY_EPOCHS = 30  # epochs between decays ("step" only)
     c.TRAIN.LR_SCHEDULER.DECAY_RATE = 0.1  # factor applied at each decay ("step" only)
 
     c.TRAIN.OPTIMIZER = CN()
-    c.TRAIN.OPTIMIZER.NAME = "adamw"  # one of _CHOICES["TRAIN.OPTIMIZER.NAME"]
+    c.TRAIN.OPTIMIZER.NAME = "adamw"  # one of CHOICES["TRAIN.OPTIMIZER.NAME"]
     c.TRAIN.OPTIMIZER.EPS = 1e-8  # AdamW epsilon
     c.TRAIN.OPTIMIZER.BETAS = (0.9, 0.999)  # AdamW betas
     c.TRAIN.OPTIMIZER.MOMENTUM = 0.9  # SGD momentum (Nesterov)
@@ -170,8 +178,8 @@ def _coerce(value: Any, default: Any, key: str, source: str) -> Any:
         return type(default)(value)
     if type(value) is not type(default):
         raise ConfigError(f"{source}: {key} expects type {type(default).__name__} (like {default!r}), got {value!r}")
-    if key in _CHOICES and value not in _CHOICES[key]:
-        raise ConfigError(f"{source}: {key} {value!r} is not supported; choose one of: {', '.join(_CHOICES[key])}")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(f"{source}: {key} {value!r} is not supported; choose one of: {', '.join(CHOICES[key])}")
     return value
 
 
@@ -367,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--accumulation-steps", type=int, help="gradient accumulation steps")
     parser.add_argument("--use-checkpoint", action="store_true", help="activation checkpointing to save memory")
     parser.add_argument("--amp", action="store_true", help="mixed precision (AMP.ENABLE)")
-    parser.add_argument("--amp-dtype", choices=_CHOICES["AMP.DTYPE"], help="mixed-precision dtype (AMP.DTYPE)")
+    parser.add_argument("--amp-dtype", choices=CHOICES["AMP.DTYPE"], help="mixed-precision dtype (AMP.DTYPE)")
     parser.add_argument("--amp-opt-level", choices=("O0", "O1", "O2"),
                         help="deprecated apex level from the release: O0 is off, O1/O2 mean --amp --amp-dtype float16")
     parser.add_argument("--output", type=str, metavar="PATH", help="output root; the run writes to PATH/NAME/TAG")
@@ -384,17 +392,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_option(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, CN]:
-    """Parse the command line into (args, frozen config); a bad config exits with code 2 and one line."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Parse the command line into (args, frozen config).
+
+    Raises:
+        ConfigError: a bad config file, key or value (a malformed command line exits as argparse does).
+    """
+    args = build_parser().parse_args(argv)
     if args.zip or args.cache_mode not in (None, "no"):
         sys.stderr.write("warning: --zip and --cache-mode are ignored; images are read from folders\n")
-    try:
-        config = get_config(args)
-    except ConfigError as err:
-        parser.exit(2, f"error: {err}\n")
-    return args, config
+    return args, get_config(args)
 
 
 if __name__ == "__main__":  # print the merged config: python config.py --cfg FILE [--opts ...]
-    sys.stdout.write(parse_option()[1].dump())
+    try:
+        sys.stdout.write(parse_option()[1].dump())
+    except ConfigError as err:
+        sys.exit(f"error: {err}")

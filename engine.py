@@ -17,18 +17,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch._inductor.config
 import torch.nn.functional as F
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.scheduler.scheduler import Scheduler
-from timm.utils import ModelEmaV3
+from timm.utils import ModelEmaV3, distribute_bn
 from torch import nn
+from yacs.config import CfgNode
 
+from distributed import DistEnv, all_reduce_sum
 from logger import ProgressLine
-from utils import DistEnv, RunError, all_reduce_sum, unwrap_model
+from utils import RunError, unwrap_model
+
+AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class NonFiniteLossError(RunError):
-    """The loss became NaN or infinite; training stops before the bad step touches the weights."""
+    """The loss or the gradient became NaN or infinite; training stops before the bad update touches the
+    weights, on every rank with the same message."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,19 @@ class StepSettings:
     clip_grad: float
     print_freq: int
     epochs: int
+
+    @classmethod
+    def from_config(cls, config: CfgNode, env: DistEnv) -> "StepSettings":
+        return cls(
+            env=env,
+            amp_enabled=config.AMP.ENABLE,
+            amp_dtype=AMP_DTYPES[config.AMP.DTYPE],
+            channels_last=config.CHANNELS_LAST,
+            accumulation_steps=max(config.TRAIN.ACCUMULATION_STEPS, 1),
+            clip_grad=config.TRAIN.CLIP_GRAD,
+            print_freq=config.PRINT_FREQ,
+            epochs=config.TRAIN.EPOCHS,
+        )
 
 
 @dataclass
@@ -62,6 +80,25 @@ class TrainState:
     global_step: int = 0
 
 
+def build_criterion(config: CfgNode, mixup_active: bool) -> nn.Module:
+    """Soft-target cross-entropy when mixup or cutmix mixes the targets (they carry the smoothing), else
+    label-smoothing cross-entropy."""
+    if mixup_active:
+        return SoftTargetCrossEntropy()
+    if config.MODEL.LABEL_SMOOTHING > 0:
+        return LabelSmoothingCrossEntropy(smoothing=config.MODEL.LABEL_SMOOTHING)
+    return nn.CrossEntropyLoss()
+
+
+def average_bn_statistics(state: TrainState, sync_bn: bool, env: DistEnv) -> None:
+    """Average BatchNorm running statistics across ranks (each rank saw only its own shard), unless SyncBN
+    already keeps them identical."""
+    if env.distributed and not sync_bn:
+        distribute_bn(unwrap_model(state.model), env.world_size, reduce=True)
+        if state.ema is not None:
+            distribute_bn(state.ema.module, env.world_size, reduce=True)
+
+
 def _no_sync(model: nn.Module, skip_sync: bool) -> contextlib.AbstractContextManager:
     """DDP's ``no_sync`` when ``skip_sync`` (an accumulation micro-step), so only the last micro-step all-reduces."""
     inner = getattr(model, "_orig_mod", model)  # torch.compile wraps DDP; no_sync lives on the DDP module
@@ -75,9 +112,8 @@ def compile_model(model: nn.Module, inference_only: bool) -> nn.Module:
     inductor folds the weights, and the BatchNorms, into its graph as constants, which is faster on the
     CPU; a model still being trained must not be, or its validation would see stale weights. Frozen
     graphs get static shapes: with a dynamic batch size, inductor's fused oneDNN convolutions can fail
-    their stride checks."""
-    torch._inductor.config.freezing = inference_only
-    return torch.compile(model, dynamic=False if inference_only else None)
+    their stride checks. The options apply to this model's compilation only."""
+    return torch.compile(model, dynamic=False if inference_only else None, options={"freezing": inference_only})
 
 
 def synchronize(device: torch.device) -> None:
@@ -110,38 +146,45 @@ def _to_device(images: torch.Tensor, targets: torch.Tensor, settings: StepSettin
     return images, targets.to(device, non_blocking=True)
 
 
-def _optimizer_update(state: TrainState, settings: StepSettings) -> float:
-    """Clip the accumulated gradient once and step; returns the gradient norm before clipping.
+def _optimizer_update(state: TrainState, settings: StepSettings, where: str) -> float | None:
+    """Clip the accumulated gradient once and step; returns the gradient norm before clipping, or None when the
+    float16 gradient scaler found it non-finite and skipped the step (as it is meant to, then lowering its scale).
 
     Gradients are unscaled first so the norm and the clipping threshold are in true units under float16.
+
+    Raises:
+        NonFiniteLossError: a non-finite gradient without a float16 scaler to skip it; every rank holds the same
+            all-reduced gradient, so every rank stops here together.
     """
     state.scaler.unscale_(state.optimizer)
     max_norm = settings.clip_grad if settings.clip_grad > 0 else math.inf
-    grad_norm = nn.utils.clip_grad_norm_(unwrap_model(state.model).parameters(), max_norm)
+    grad_norm = nn.utils.clip_grad_norm_(unwrap_model(state.model).parameters(), max_norm).item()
+    if not math.isfinite(grad_norm) and not state.scaler.is_enabled():
+        raise NonFiniteLossError(
+            f"gradient norm is {grad_norm} at {where}; training stopped before the update, checkpoints already "
+            "written are intact; lower TRAIN.BASE_LR or use AMP.DTYPE bfloat16")
     state.scaler.step(state.optimizer)
     state.scaler.update()
     state.optimizer.zero_grad(set_to_none=True)
-    return grad_norm.item()
+    return grad_norm if math.isfinite(grad_norm) else None
 
 
-def _forward_backward(state: TrainState, images: torch.Tensor, targets: torch.Tensor, settings: StepSettings,
-                      group_size: int, skip_sync: bool, where: str) -> float:
-    """One micro-step: forward, finiteness check, backward of the loss divided by its group's size.
+def _agree_on_loss(bad_loss: float, settings: StepSettings, where: str) -> None:
+    """Raise on every rank if the loss was non-finite on any rank, before the backward pass that all-reduces.
 
-    Raises:
-        NonFiniteLossError: before the backward pass, so a bad loss never reaches the gradients.
+    ``bad_loss`` is this rank's first non-finite loss of the accumulation group, or 0.0. One small all-reduce
+    gives every rank every rank's value, so all ranks stop together with the same message instead of waiting
+    for the failed one in the gradient all-reduce.
     """
-    device = settings.env.device
-    with _no_sync(state.model, skip_sync):
-        with torch.autocast(device.type, dtype=settings.amp_dtype, enabled=settings.amp_enabled):
-            loss = state.criterion(state.model(images), targets)
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise NonFiniteLossError(
-                f"loss is {loss_value} at {where}; training stopped, checkpoints already written are intact; "
-                "lower TRAIN.BASE_LR, set TRAIN.CLIP_GRAD, or use AMP.DTYPE bfloat16")
-        state.scaler.scale(loss / group_size).backward()
-    return loss_value
+    env = settings.env
+    losses = torch.zeros(env.world_size, dtype=torch.float64, device=env.device)
+    losses[env.rank] = bad_loss
+    losses = all_reduce_sum(losses, env).tolist()
+    bad = [rank for rank, value in enumerate(losses) if not math.isfinite(value)]
+    if bad:
+        raise NonFiniteLossError(
+            f"loss is {losses[bad[0]]} at {where} on rank {', '.join(map(str, bad))}; training stopped, checkpoints "
+            "already written are intact; lower TRAIN.BASE_LR, set TRAIN.CLIP_GRAD, or use AMP.DTYPE bfloat16")
 
 
 def train_one_epoch(
@@ -151,15 +194,18 @@ def train_one_epoch(
         settings: StepSettings,
         logger: logging.Logger,
         mixup_fn: Callable | None = None,
-) -> dict[str, float]:
-    """Train for one pass over ``loader``; returns mean loss, mean gradient norm, last lr and time.
+) -> dict[str, float | None]:
+    """Train for one pass over ``loader``; returns mean loss, mean gradient norm (None if every update was
+    skipped), skipped updates, last lr, time.
 
     Micro-batches are grouped into optimiser updates of ``accumulation_steps``; the last group of an
     epoch may be shorter and still makes an update. Each micro-batch's loss is divided by the size of its
-    own group, so an update's gradient is the mean over the images of its group.
+    own group, so an update's gradient is the mean over the images of its group. Before the backward pass
+    of each update the ranks agree that every loss of the group was finite. Updates that the float16 scaler
+    skipped are counted and left out of the mean gradient norm.
 
     Raises:
-        NonFiniteLossError: the loss is NaN or infinite.
+        NonFiniteLossError: a loss (or, without float16 scaling, a gradient) is NaN or infinite.
     """
     device = settings.env.device
     state.model.train()
@@ -167,8 +213,9 @@ def train_one_epoch(
     num_steps = len(loader)
     accumulation = settings.accumulation_steps
     loss_sum = samples = grad_norm_sum = 0.0
-    updates = 0
+    finite_updates = skipped_updates = 0
     grad_norm = math.nan
+    group_bad_loss = 0.0
     progress = ProgressLine(settings.env.is_main)
     start = time.time()
     for step, (images, targets) in enumerate(loader):
@@ -179,17 +226,31 @@ def train_one_epoch(
         group_size = min(accumulation, num_steps - group_start)
         is_update = step == group_start + group_size - 1
         where = f"epoch {epoch} step {step}/{num_steps} (optimiser update {state.global_step})"
-        loss_value = _forward_backward(state, images, targets, settings, group_size, not is_update, where)
+        with _no_sync(state.model, not is_update):
+            with torch.autocast(device.type, dtype=settings.amp_dtype, enabled=settings.amp_enabled):
+                loss = state.criterion(state.model(images), targets)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value) and group_bad_loss == 0.0:
+                group_bad_loss = loss_value
+            if is_update:
+                _agree_on_loss(group_bad_loss, settings, where)
+            if group_bad_loss == 0.0:  # a bad micro-step stops the run at its update; its gradient is not needed
+                state.scaler.scale(loss / group_size).backward()
 
         lr = state.optimizer.param_groups[0]["lr"]  # the rate this update uses, before the schedule moves on
         if is_update:
-            grad_norm = _optimizer_update(state, settings)
+            update_norm = _optimizer_update(state, settings, where)
             state.global_step += 1
             state.scheduler.step_update(state.global_step)
             if state.ema is not None:
                 state.ema.update(unwrap_model(state.model), step=state.global_step)
-            grad_norm_sum += grad_norm
-            updates += 1
+            if update_norm is None:
+                skipped_updates += 1
+                grad_norm = math.inf
+            else:
+                grad_norm = update_norm
+                grad_norm_sum += grad_norm
+                finite_updates += 1
 
         loss_sum += loss_value * images.shape[0]
         samples += images.shape[0]
@@ -205,14 +266,17 @@ def train_one_epoch(
             logger.info(line)
 
     progress.clear()
-    # Exact means over all ranks: sums of losses, samples, gradient norms and updates.
-    totals = all_reduce_sum(torch.tensor([loss_sum, samples, grad_norm_sum, updates], dtype=torch.float64,
-                                         device=device), settings.env).tolist()
+    # Exact means over all ranks: sums of losses and samples. Gradient norms and skips are the same on every
+    # rank (they follow the all-reduced gradient).
+    totals = all_reduce_sum(torch.tensor([loss_sum, samples], dtype=torch.float64, device=device),
+                            settings.env).tolist()
     epoch_time = time.time() - start
-    logger.info(f"EPOCH {epoch} training takes {datetime.timedelta(seconds=int(epoch_time))}")
+    skipped = f", {skipped_updates} updates skipped by the float16 gradient scaler" if skipped_updates else ""
+    logger.info(f"EPOCH {epoch} training takes {datetime.timedelta(seconds=int(epoch_time))}{skipped}")
     return {
         "train_loss": totals[0] / max(totals[1], 1),
-        "grad_norm": totals[2] / max(totals[3], 1),
+        "grad_norm": grad_norm_sum / finite_updates if finite_updates else None,
+        "skipped_updates": skipped_updates,
         "lr": state.optimizer.param_groups[0]["lr"],
         "epoch_time": epoch_time,
     }

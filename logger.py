@@ -1,4 +1,5 @@
-"""Logging of a run: a coloured console on rank 0, a file per rank, and one JSON row per epoch.
+"""Logging of a run: a coloured console on rank 0, errors of every rank on stderr, a file per rank, and one JSON
+row per epoch.
 
 Loggers are built as plain ``logging.Logger`` objects (not taken from the global registry) and passed
 around explicitly, so two runs in one process (the tests) never share handlers.
@@ -17,33 +18,52 @@ DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 
 
 class _ColourFormatter(logging.Formatter):
-    """Green time and name, and the level in red/yellow when it is a warning or an error."""
+    """Green time and name (and the rank, when given), and the level in red/yellow for warnings and errors."""
+
+    def __init__(self, where: str = "") -> None:
+        super().__init__()
+        self.where = f" {where}" if where else ""
 
     def format(self, record: logging.LogRecord) -> str:
-        head = colored(f"[{self.formatTime(record, DATE_FORMAT)} {record.name}]", "green")
+        head = colored(f"[{self.formatTime(record, DATE_FORMAT)} {record.name}{self.where}]", "green")
+        message = record.getMessage()
+        if record.exc_info:
+            message += "\n" + self.formatException(record.exc_info)
         if record.levelno >= logging.ERROR:
-            return f"{head} {colored(record.levelname, 'red')} {record.getMessage()}"
+            return f"{head} {colored(record.levelname, 'red')} {message}"
         if record.levelno >= logging.WARNING:
-            return f"{head} {colored(record.levelname, 'yellow')} {record.getMessage()}"
-        return f"{head} {record.getMessage()}"
+            return f"{head} {colored(record.levelname, 'yellow')} {message}"
+        return f"{head} {message}"
 
 
-def create_logger(output_dir: Path, rank: int, name: str, console: TextIO | None = None) -> logging.Logger:
-    """A logger writing to ``output_dir/log_rank<rank>.txt``, and on rank 0 also to the console.
+def _below_error(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR
+
+
+def create_logger(output_dir: Path, rank: int, name: str, console: TextIO | None = None,
+                  errors: TextIO | None = None) -> logging.Logger:
+    """A logger writing to ``output_dir/log_rank<rank>.txt``, on rank 0 to the console, and errors to stderr.
 
     Args:
         output_dir: The run's output folder (created if needed).
-        rank: The process's rank; only rank 0 prints so that N processes do not print N copies.
+        rank: The process's rank; only rank 0 prints progress so that N processes do not print N copies, but
+            every rank prints its errors, marked with its rank, so a failure on any rank is seen.
         name: Shown in every line (the model name).
-        console: The console stream (stdout by default).
+        console: The console stream for progress (stdout by default).
+        errors: The stream for errors (stderr by default).
     """
     output_dir.mkdir(parents=True, exist_ok=True)
     logger = logging.Logger(name, level=logging.DEBUG)
     if rank == 0:
         handler = logging.StreamHandler(console or sys.stdout)
         handler.setLevel(logging.INFO)
+        handler.addFilter(_below_error)
         handler.setFormatter(_ColourFormatter())
         logger.addHandler(handler)
+    error_handler = logging.StreamHandler(errors or sys.stderr)
+    error_handler.setLevel(logging.ERROR)
+    error_handler.setFormatter(_ColourFormatter(f"rank {rank}"))
+    logger.addHandler(error_handler)
     file_handler = logging.FileHandler(output_dir / f"log_rank{rank}.txt", mode="a")
     file_handler.setLevel(logging.DEBUG)
     file_handler.setFormatter(logging.Formatter(FILE_FORMAT, datefmt=DATE_FORMAT))

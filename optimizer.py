@@ -14,18 +14,27 @@ from yacs.config import CfgNode
 OPTIMIZERS = ("adamw", "sgd")
 
 
+def is_decayed(name: str, param: torch.Tensor, skip_keywords: Iterable[str] = ()) -> bool:
+    """Whether weight decay applies to the parameter ``name``."""
+    return not (param.ndim <= 1 or name.endswith(".bias") or any(k in name for k in skip_keywords))
+
+
 def parameter_groups(model: nn.Module, weight_decay: float, skip_keywords: Iterable[str] = ()) -> list[dict]:
-    """Split trainable parameters into a decayed group and a group without weight decay."""
+    """Split trainable parameters into a decayed group and a group without weight decay.
+
+    Each group names its parameters (``param_names``, saved in the optimiser's state dict), so a resumed run
+    matches the saved moments to parameters by name, whatever order the model declares them in.
+    """
     skip_keywords = tuple(skip_keywords)
-    decay, no_decay = [], []
+    groups = [{"params": [], "param_names": [], "weight_decay": weight_decay},
+              {"params": [], "param_names": [], "weight_decay": 0.0}]
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim <= 1 or name.endswith(".bias") or any(k in name for k in skip_keywords):
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        group = groups[0] if is_decayed(name, param, skip_keywords) else groups[1]
+        group["params"].append(param)
+        group["param_names"].append(name)
+    return groups
 
 
 def build_optimizer(config: CfgNode, model: nn.Module, lr: float) -> torch.optim.Optimizer:

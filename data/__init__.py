@@ -1,12 +1,16 @@
 """Data loading: datasets by DATA.DATASET, release transforms, mixup, and distributed samplers."""
 
-from .build import Loaders, build_dataset, build_loader, build_mixup
+from .build import DATASETS, MIXUP_MODES, Loaders, build_dataset, build_loader, build_mixup
 from .datasets import DataError
 from .demo import make_demo_digits
 from .samplers import ShardSampler
-from .transforms import build_transform
+from .transforms import INTERPOLATIONS, RANDOM_ERASING_MODES, build_transform
 
 __all__ = [
+    "DATASETS",
+    "INTERPOLATIONS",
+    "MIXUP_MODES",
+    "RANDOM_ERASING_MODES",
     "DataError",
     "Loaders",
     "ShardSampler",

@@ -12,6 +12,9 @@ from .demo import make_demo_digits
 from .samplers import ShardSampler
 from .transforms import build_transform
 
+DATASETS = (*FOLDER_LAYOUTS, *CIFAR_KINDS)
+MIXUP_MODES = ("batch", "pair", "elem")  # timm's Mixup draws its parameters per batch, pair or element
+
 
 class Loaders(NamedTuple):
     """What build_loader returns; unpacks like the release's five-tuple."""
@@ -32,7 +35,7 @@ def build_dataset(is_train: bool, config: CfgNode) -> Dataset:
         return cifar_split(root, is_train, kind, transform)
     if kind in FOLDER_LAYOUTS:
         return image_folder_split(root, "train" if is_train else "val", kind, transform)
-    raise DataError(f"unknown DATA.DATASET {kind!r}; valid: {', '.join([*CIFAR_KINDS, *FOLDER_LAYOUTS])}")
+    raise DataError(f"unknown DATA.DATASET {kind!r}; valid: {', '.join(DATASETS)}")
 
 
 def _check_classes(train: Dataset, val: Dataset, config: CfgNode) -> None:
@@ -68,7 +71,7 @@ def build_mixup(config: CfgNode) -> Mixup | None:
     )
 
 
-def build_loader(config: CfgNode, rank: int = 0, world_size: int = 1) -> Loaders:
+def build_loader(config: CfgNode, rank: int = 0, world_size: int = 1, train: bool = True) -> Loaders:
     """Datasets, loaders and the mixup function for process ``rank`` of ``world_size``.
 
     Training shuffles through a DistributedSampler (call ``loader_train.sampler.set_epoch(epoch)`` each
@@ -78,8 +81,13 @@ def build_loader(config: CfgNode, rank: int = 0, world_size: int = 1) -> Loaders
     """
     if config.DATA.DATASET == "demo":
         make_demo_digits(config.DATA.DATA_PATH)
-    dataset_train = build_dataset(True, config)
     dataset_val = build_dataset(False, config)
+    if not train:
+        loader_val = DataLoader(dataset_val, sampler=ShardSampler(len(dataset_val), rank, world_size,
+                                contiguous=config.TEST.SEQUENTIAL), batch_size=config.DATA.BATCH_SIZE,
+                                num_workers=config.DATA.NUM_WORKERS)
+        return Loaders(None, dataset_val, None, loader_val, None)
+    dataset_train = build_dataset(True, config)
     _check_classes(dataset_train, dataset_val, config)
 
     sampler_train = DistributedSampler(dataset_train, num_replicas=world_size, rank=rank, shuffle=True,

@@ -11,8 +11,10 @@ from collections.abc import Callable
 from PIL import Image
 from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
 
+from utils import RunError
 
-class DataError(Exception):
+
+class DataError(RunError):
     """Missing, empty or unreadable data; its message is one line meant for the user."""
 
 

@@ -11,6 +11,9 @@ from yacs.config import CfgNode
 # random-resized cropping (which would keep too few of 32x32 pixels).
 SMALL_IMAGE_SIDE = 32
 
+INTERPOLATIONS = ("bicubic", "bilinear")
+RANDOM_ERASING_MODES = ("pixel", "rand", "const")  # timm's RandomErasing fills
+
 
 def build_transform(is_train: bool, config: CfgNode) -> Callable:
     """The training (augmenting) or evaluation transform for DATA.IMG_SIZE inputs."""

@@ -474,14 +474,9 @@ class StripMLPNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: StripMLPNet) -> dict[str, torch.Tensor]:
-    """Turn a release (or our own) checkpoint into a state dict for `model`.
-
-    Accepts a bare state dict or one wrapped under `model` / `state_dict`, strips the prefixes
-    that DistributedDataParallel (`module.`) and torch.compile (`_orig_mod.`) add, and checks
-    names and shapes, raising one error that lists every mismatch so a checkpoint of another
-    variant, input size or class count is recognised at once.
-    """
+def clean_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The bare weights of a checkpoint: unwrapped from `model` / `state_dict`, without the prefixes that
+    DistributedDataParallel (`module.`) and torch.compile (`_orig_mod.`) add; the saved order is kept."""
     for wrapper in ("model", "state_dict"):
         if wrapper in state_dict and isinstance(state_dict[wrapper], Mapping):
             state_dict = state_dict[wrapper]
@@ -490,7 +485,16 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: StripMLP
         for prefix in ("module.", "_orig_mod."):
             name = name.removeprefix(prefix)
         cleaned[name] = tensor
+    return cleaned
 
+
+def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: StripMLPNet) -> dict[str, torch.Tensor]:
+    """Turn a release (or our own) checkpoint into a state dict for `model`.
+
+    Accepts whatever `clean_state_dict` accepts and checks names and shapes, raising one error that lists
+    every mismatch so a checkpoint of another variant, input size or class count is recognised at once.
+    """
+    cleaned = clean_state_dict(state_dict)
     expected = model.state_dict()
     problems = [f"missing {name} {tuple(t.shape)}" for name, t in expected.items() if name not in cleaned]
     problems += [f"unexpected {name} {tuple(t.shape)}" for name, t in cleaned.items() if name not in expected]

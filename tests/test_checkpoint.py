@@ -10,19 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-import utils
-from models import StripMLPNet
-from utils import (
+import checkpoint
+from checkpoint import (
     CheckpointError,
     find_resume_checkpoint,
     fit_state_dict,
     load_checkpoint_file,
     load_pretrained,
     prune_checkpoints,
-    rng_state,
     save_checkpoint,
-    set_rng_state,
 )
+from models import StripMLPNet
+from utils import rng_state, set_rng_state
 
 
 class Evil:
@@ -52,7 +51,7 @@ def test_save_is_atomic_and_a_failed_write_keeps_the_old_file(tmp_path: Path, mo
         f.write(b"PK\x03\x04 half a zip")
         raise OSError("disk full")
 
-    monkeypatch.setattr(utils.torch, "save", crash_mid_write)
+    monkeypatch.setattr(checkpoint.torch, "save", crash_mid_write)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint({"epoch": 2, "w": torch.zeros(3)}, path)
     assert load_checkpoint_file(path)["epoch"] == 1
@@ -151,9 +150,10 @@ def test_pretrained_with_another_class_count_keeps_a_fresh_head(tmp_path: Path, 
     save_checkpoint({"model": source.state_dict()}, tmp_path / "pre.pth")
     target = tiny(num_classes=3)
     fresh_head = target.head.weight.clone()
-    assert load_pretrained(target, tmp_path / "pre.pth", logger) == ["head.bias", "head.weight"]
+    assert load_pretrained(target, load_checkpoint_file(tmp_path / "pre.pth"), "pre.pth", logger) == [
+        "head.bias", "head.weight"]
     assert torch.equal(target.head.weight, fresh_head)
     assert torch.equal(target.patch_embed.weight, source.patch_embed.weight)
     with pytest.raises(CheckpointError, match="missing|vs model"):
         load_pretrained(StripMLPNet(img_size=64, num_classes=3, embed_dim=8, layers=(1, 1, 1, 1)),
-                        tmp_path / "pre.pth", logger)
+                        load_checkpoint_file(tmp_path / "pre.pth"), "pre.pth", logger)

@@ -110,7 +110,7 @@ def test_defaults_are_untouched_and_dump_reloads(tmp_path: Path) -> None:
         ("DATA: 3\n", (), "DATA is a section"),
         ("DATA:\n  BATCH_SIZE: {A: 1}\n", (), "DATA.BATCH_SIZE is a single value"),
         ("MODEL:\n  STRIP_MLP:\n    LAYERS: [1, a]\n", (), "MODEL.STRIP_MLP.LAYERS[1] expects type int"),
-        ("DATA:\n  DATASET: imagenet1k\n", (), "choose one of: imagenet, cifar10"),
+        ("DATA:\n  DATASET: imagenet1k\n", (), "choose one of: imagenet, caltech101"),
         ("TRAIN:\n  OPTIMIZER:\n    NAME: lamb\n", (), "choose one of: adamw, sgd"),
         ("AMP:\n  DTYPE: fp8\n", (), "choose one of: bfloat16, float16"),
         ("DATA:\n  IMG_SIZE: 100\n", (), "DATA.IMG_SIZE 100 must be a multiple of 32"),
@@ -140,19 +140,19 @@ def test_base_loop_is_reported(tmp_path: Path) -> None:
         load_config(str(tmp_path / "a.yaml"))
 
 
-def test_command_line_error_is_one_line_with_exit_code_2(tmp_path: Path) -> None:
+def test_command_line_error_is_one_line_with_exit_code_1(tmp_path: Path) -> None:
     cfg = _write(tmp_path / "bad.yaml", "TRAIN:\n  EPOCHS: many\n")
     result = subprocess.run([sys.executable, str(REPO / "config.py"), "--cfg", cfg],
                             capture_output=True, text=True, cwd=REPO)
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0
     assert "TRAIN.EPOCHS" in result.stderr and "bad.yaml" in result.stderr and "Traceback" not in result.stderr
     directory = subprocess.run([sys.executable, str(REPO / "config.py"), "--cfg", str(tmp_path)],
                                capture_output=True, text=True, cwd=REPO)
-    assert directory.returncode == 2 and "cannot read config file" in directory.stderr
+    assert directory.returncode == 1 and "cannot read config file" in directory.stderr
     missing = subprocess.run([sys.executable, str(REPO / "config.py"), "--cfg", str(tmp_path / "none.yaml")],
                              capture_output=True, text=True, cwd=REPO)
-    assert missing.returncode == 2 and "none.yaml not found" in missing.stderr
+    assert missing.returncode == 1 and "none.yaml not found" in missing.stderr
 
 
 @pytest.mark.parametrize("cfg_file", CONFIG_FILES, ids=lambda p: str(p.relative_to(REPO / "configs")))

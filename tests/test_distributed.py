@@ -12,8 +12,9 @@ from run_helpers import launch, run_dir, write_config, write_image_folder
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
+from checkpoint import load_checkpoint_file
+from distributed import DistEnv
 from engine import StepSettings, TrainState, train_one_epoch, validate
-from utils import DistEnv, load_checkpoint_file
 
 LOGGER = logging.Logger("distributed-test")
 

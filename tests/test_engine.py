@@ -11,8 +11,8 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from engine import NonFiniteLossError, StepSettings, TrainState, throughput, train_one_epoch, validate
+from distributed import DistEnv
 from models import StripMLPNet
-from utils import DistEnv
 
 LOGGER = logging.Logger("engine-test")
 CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))

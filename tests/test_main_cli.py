@@ -16,10 +16,10 @@ from run_helpers import REPO, launch, load_weights, run_dir, write_config, write
 
 import engine
 import main
+from checkpoint import load_checkpoint_file, save_checkpoint
 from config import load_config
 from data import build_loader
 from models import StripMLPNet
-from utils import load_checkpoint_file, save_checkpoint
 
 # Resume runs: EMA, accumulation (6 micro-batches -> 3 updates per epoch), mixup/cutmix, RandAugment and drop
 # path all on, so every source of randomness and every piece of saved state takes part.
@@ -64,24 +64,22 @@ def test_eval_of_a_checkpoint_prints_the_release_summary(trained: Path, capsys) 
 
 
 @pytest.mark.slow
-def test_compiled_eval_folds_the_loaded_weights_and_gives_the_same_result(trained: Path, capsys,
-                                                                          monkeypatch) -> None:
+def test_compiled_eval_folds_the_loaded_weights_and_gives_the_same_result(trained: Path, capsys) -> None:
     """An eval-only run compiles with inductor's freezing, which bakes in the weights present at the
     first call: they must be the checkpoint's, so the summary equals the eager evaluation's."""
-    monkeypatch.setattr(torch._inductor.config, "freezing", False)
     config = str(trained / "config.yaml")
     resume = ["--resume", str(trained / "latest.pth")]
     summaries = []
     for tag, opts in (("eager", []), ("compiled", ["--opts", "COMPILE", "True"])):
         assert main.main(["--cfg", config, "--eval", *resume, "--tag", tag, *opts]) == 0
         summaries.append([line for line in capsys.readouterr().out.splitlines() if " * Acc@1 " in line][-1])
-    assert torch._inductor.config.freezing is True
+    assert torch._inductor.config.freezing is False  # freezing is scoped to the one compiled model
     assert summaries[0].split(" * ")[1] == summaries[1].split(" * ")[1]
 
 
 def test_eval_without_a_checkpoint_is_an_error(trained: Path, capsys) -> None:
     assert main.main(["--cfg", str(trained / "config.yaml"), "--eval", "--tag", "eval2"]) == 1
-    assert "--eval needs weights to evaluate" in capsys.readouterr().out
+    assert "--eval needs weights to evaluate" in capsys.readouterr().err
 
 
 def test_throughput_mode(trained: Path, capsys, monkeypatch) -> None:
@@ -97,7 +95,7 @@ def test_existing_checkpoints_are_never_overwritten_by_a_fresh_run(trained: Path
     code = main.main(["--cfg", str(config), "--output", str(output_root), "--tag", "run",
                       "--opts", "TRAIN.AUTO_RESUME", "False"])
     assert code == 1
-    assert "already holds checkpoints and TRAIN.AUTO_RESUME is off" in capsys.readouterr().out
+    assert "already holds checkpoints and TRAIN.AUTO_RESUME is off" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in trained.glob("*.pth")} == before
 
 
@@ -148,7 +146,7 @@ def test_auto_resume_skips_a_truncated_latest_and_refuses_when_nothing_loads(tra
     latest.write_bytes(latest.read_bytes()[:1000])
     before = {p.name: p.read_bytes() for p in copy.glob("*.pth")}
     assert main.main(args) == 1
-    assert "holds checkpoints but none loads" in capsys.readouterr().out
+    assert "holds checkpoints but none loads" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in copy.glob("*.pth")} == before  # nothing overwritten or deleted
 
 
@@ -157,7 +155,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_earlier_checkpoints(images: Path
     config = write_config(tmp_path / "config.yaml", images, tmp_path / "out", {"TRAIN": {
         "WARMUP_EPOCHS": 0, "LR_SCHEDULER": {"NAME": "step", "DECAY_EPOCHS": 1, "DECAY_RATE": 1e30}}})
     assert main.main(["--cfg", str(config)]) == 1
-    assert "ERROR loss is nan at epoch 1 step" in capsys.readouterr().out.replace("\x1b[31m", "").replace("\x1b[0m", "")
+    assert "ERROR loss is nan at epoch 1 step" in capsys.readouterr().err.replace("\x1b[31m", "").replace("\x1b[0m", "")
     out = run_dir(tmp_path / "out")
     assert load_checkpoint_file(out / "latest.pth")["epoch"] == 0
     assert sorted(p.name for p in out.glob("*.pth")) == ["best.pth", "ckpt_epoch_0.pth", "latest.pth"]
@@ -206,7 +204,7 @@ def test_mismatched_checkpoint_is_refused_with_names_and_shapes(golden_setup, ca
     code = main.main(["--cfg", str(config_path), "--eval", "--resume", str(root / "release.pth"), "--data-path",
                       str(images), "--opts", "MODEL.NUM_CLASSES", "3"])
     assert code == 1
-    assert "head.weight: checkpoint (10, 320) vs model (3, 320)" in capsys.readouterr().out
+    assert "head.weight: checkpoint (10, 320) vs model (3, 320)" in capsys.readouterr().err
 
 
 def test_malicious_checkpoint_is_refused_and_its_code_does_not_run(golden_setup, tmp_path: Path, capsys) -> None:
@@ -220,7 +218,7 @@ def test_malicious_checkpoint_is_refused_and_its_code_does_not_run(golden_setup,
 
     torch.save({"model": Evil()}, evil)
     assert main.main(["--cfg", str(config_path), "--eval", "--resume", str(evil)]) == 1
-    assert "refusing" in capsys.readouterr().out
+    assert "refusing" in capsys.readouterr().err
     assert not marker.exists()
 
 

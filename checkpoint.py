@@ -1,0 +1,408 @@
+"""Checkpoints: what a run saves, how it is written and read, which file a run resumes from, how a saved run
+is restored, and how weights from elsewhere fit a model.
+
+Files hold only tensors and plain containers (the config as YAML text, RNG states as tensors and lists), so
+they load with ``torch.load(weights_only=True)``: a file from elsewhere can never run code. The release's
+own checkpoints also carry its yacs config object; it is read as nested plain mappings, and nothing else
+is admitted. Files are written to a temporary name and renamed, so a crash mid-write leaves the previous
+file intact. Only rank 0 reads checkpoint files; every other rank receives rank 0's copy, so all ranks
+resume the same epoch with the same weights whatever their view of the file system.
+"""
+
+import logging
+import os
+import pickle
+import re
+import zipfile
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+from yacs.config import CfgNode
+
+from distributed import DistEnv, on_rank0
+from engine import TrainState
+from models import checkpoint_filter_fn, clean_state_dict
+from optimizer import is_decayed
+from utils import RunError, rng_state, set_rng_state, unwrap_model
+
+CHECKPOINT_PATTERN = re.compile(r"ckpt_epoch_(\d+)\.pth")
+LATEST_NAME = "latest.pth"
+BEST_NAME = "best.pth"
+
+# The release pickled its yacs CfgNode under "config"; it is rebuilt as an OrderedDict (a plain mapping that
+# the weights-only loader can fill), so the class itself, and any code, never runs.
+RELEASE_GLOBALS = [(OrderedDict, "yacs.config.CfgNode")]
+
+# Keys whose change between the saved run and this one changes the learning rate or weight decay of an update.
+SCHEDULE_KEYS = (
+    "DATA.BATCH_SIZE", "TRAIN.ACCUMULATION_STEPS", "TRAIN.EPOCHS", "TRAIN.WARMUP_EPOCHS", "TRAIN.BASE_LR",
+    "TRAIN.WARMUP_LR", "TRAIN.MIN_LR", "TRAIN.WEIGHT_DECAY", "TRAIN.LR_SCALING", "TRAIN.LR_REFERENCE_BATCH",
+    "TRAIN.LR_SCHEDULER.NAME", "TRAIN.LR_SCHEDULER.DECAY_EPOCHS", "TRAIN.LR_SCHEDULER.DECAY_RATE",
+    "TRAIN.OPTIMIZER.NAME", "TRAIN.OPTIMIZER.EPS", "TRAIN.OPTIMIZER.BETAS", "TRAIN.OPTIMIZER.MOMENTUM",
+)
+
+
+class CheckpointError(RunError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Files
+
+
+def save_checkpoint(state: Mapping[str, Any], path: Path) -> None:
+    """Write ``state`` to ``path`` atomically: a temporary file, flushed to disk, then renamed over the target."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(dict(state), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint on the CPU, accepting only tensors, plain containers and the release's config.
+
+    Raises:
+        CheckpointError: the file is missing, truncated or corrupt, or holds other objects (nothing in it runs).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path given to --resume/--pretrained")
+    try:
+        with torch.serialization.safe_globals(RELEASE_GLOBALS):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = next((line for line in str(e).splitlines() if "GLOBAL" in line or "Can only" in line),
+                      type(e).__name__)
+        raise CheckpointError(
+            f"refusing {path}: it holds objects other than tensors and plain containers ({reason.strip()}); "
+            "only weights-only checkpoints are loaded, re-save it as a dict of tensors"
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+        raise CheckpointError(
+            f"cannot read {path}: the file is truncated or corrupt ({type(e).__name__}); "
+            "delete it or point to another checkpoint"
+        ) from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, expected a dict of tensors")
+    return checkpoint
+
+
+def read_checkpoint(path: str | Path, env: DistEnv) -> dict[str, Any]:
+    """:func:`load_checkpoint_file` on rank 0, its contents (or its error) on every rank."""
+    return on_rank0(lambda: load_checkpoint_file(path), env)
+
+
+def saved_config(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """The config a checkpoint was trained with as nested dicts: ours as YAML text, the release's as a mapping."""
+    config = checkpoint.get("config")
+    if isinstance(config, str):
+        loaded = yaml.safe_load(config)
+        return loaded if isinstance(loaded, dict) else {}
+    if isinstance(config, Mapping):
+        return yaml.safe_load(CfgNode(config).dump())
+    return {}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Choosing the file to resume from
+
+
+def epoch_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """The ``ckpt_epoch_<n>.pth`` files in ``output_dir`` as (n, path), oldest epoch first."""
+    found = []
+    for path in output_dir.glob("ckpt_epoch_*.pth"):
+        match = CHECKPOINT_PATTERN.fullmatch(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def resumable_checkpoints(output_dir: Path) -> list[Path]:
+    """The files a run could continue from: ``latest.pth`` and the epoch checkpoints (not ``best.pth``)."""
+    latest = output_dir / LATEST_NAME
+    return [p for _, p in epoch_checkpoints(output_dir)] + ([latest] if latest.is_file() else [])
+
+
+def _try_load(path: Path, logger: logging.Logger) -> dict[str, Any] | None:
+    try:
+        return load_checkpoint_file(path)
+    except CheckpointError as e:
+        logger.warning(f"auto-resume skips {path.name}: {e}")
+        return None
+
+
+def find_resume_checkpoint(output_dir: Path, logger: logging.Logger) -> tuple[Path, dict[str, Any]] | None:
+    """The loadable checkpoint of the highest epoch in ``output_dir``, with its contents, or None.
+
+    ``latest.pth`` is written every epoch and is normally the one; an epoch file beyond it (a kill between the
+    two writes) or below it (``latest.pth`` unreadable) is taken by the epoch in its name. File times are not
+    used, so a copied output folder resumes the same way. Unreadable files are skipped with a warning.
+    """
+    latest_path = output_dir / LATEST_NAME
+    latest = _try_load(latest_path, logger) if latest_path.is_file() else None
+    latest_epoch = latest.get("epoch", -1) if latest is not None else -1
+    for epoch, path in reversed(epoch_checkpoints(output_dir)):
+        if epoch <= latest_epoch:
+            break
+        checkpoint = _try_load(path, logger)
+        if checkpoint is not None:
+            return path, checkpoint
+    return (latest_path, latest) if latest is not None else None
+
+
+def choose_resume(config: CfgNode, env: DistEnv, logger: logging.Logger) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint this run continues from, chosen and read by rank 0 and the same on every rank.
+
+    ``MODEL.RESUME`` names it; otherwise a training run with ``TRAIN.AUTO_RESUME`` takes the newest readable
+    checkpoint in its output folder. Other ranks never look at their own file system, so node-local output
+    folders or a stale network file system view cannot make them resume another epoch.
+    """
+    output_dir = Path(config.OUTPUT)
+    training = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
+
+    def choose() -> tuple[Path, dict[str, Any]] | None:
+        if config.MODEL.RESUME:
+            return Path(config.MODEL.RESUME), load_checkpoint_file(config.MODEL.RESUME)
+        if not (config.TRAIN.AUTO_RESUME and training):
+            return None
+        found = find_resume_checkpoint(output_dir, logger)
+        if found is None and resumable_checkpoints(output_dir):
+            raise CheckpointError(f"{output_dir} holds checkpoints but none loads; move them away to start afresh, "
+                                  "or choose another --output/--tag")
+        return found
+
+    return on_rank0(choose, env)
+
+
+def prune_checkpoints(output_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` newest epoch checkpoints (``keep`` <= 0 keeps all); returns what was deleted."""
+    if keep <= 0:
+        return []
+    doomed = [path for _, path in epoch_checkpoints(output_dir)[:-keep]]
+    for path in doomed:
+        path.unlink()
+    return doomed
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Saving a run
+
+
+def build_checkpoint(state: TrainState, config: CfgNode, env: DistEnv, epoch: int, best_acc1: float
+                     ) -> dict[str, Any]:
+    """Everything needed to continue exactly, as tensors and plain containers (weights_only-loadable).
+
+    The release's keys (``model``, ``optimizer``, ``lr_scheduler``, ``max_accuracy``, ``epoch``, ``config``)
+    are kept, so the release's own code can read these files too.
+    """
+    return {
+        "model": unwrap_model(state.model).state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "lr_scheduler": state.scheduler.state_dict(),
+        "scaler": state.scaler.state_dict(),
+        "model_ema": state.ema.module.state_dict() if state.ema is not None else None,
+        "epoch": epoch,
+        "global_step": state.global_step,
+        "max_accuracy": best_acc1,
+        "rng": rng_state(),
+        "world_size": env.world_size,
+        "config": config.dump(),
+    }
+
+
+def save_epoch(state: TrainState, config: CfgNode, env: DistEnv, epoch: int, best_acc1: float, is_best: bool,
+               logger: logging.Logger) -> None:
+    """Rank 0 writes the epoch's checkpoints: ``ckpt_epoch_<n>.pth`` when due, ``best.pth``, then ``latest.pth``.
+
+    ``latest.pth`` goes last: a kill between the writes leaves an epoch file one epoch ahead of it, which
+    auto-resume finds by the epoch in its name.
+    """
+    if not env.is_main:
+        return
+    output_dir = Path(config.OUTPUT)
+    checkpoint = build_checkpoint(state, config, env, epoch, best_acc1)
+    if (epoch + 1) % config.SAVE_FREQ == 0 or epoch + 1 == config.TRAIN.EPOCHS:
+        path = output_dir / f"ckpt_epoch_{epoch}.pth"
+        save_checkpoint(checkpoint, path)
+        logger.info(f"saved {path}")
+    if is_best:
+        save_checkpoint(checkpoint, output_dir / BEST_NAME)
+    save_checkpoint(checkpoint, output_dir / LATEST_NAME)
+    for path in prune_checkpoints(output_dir, config.TRAIN.KEEP_CHECKPOINTS):
+        logger.info(f"removed {path.name} (TRAIN.KEEP_CHECKPOINTS {config.TRAIN.KEEP_CHECKPOINTS})")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Restoring a run
+
+
+def is_training_checkpoint(checkpoint: Mapping[str, Any]) -> bool:
+    """Whether a file holds a run to continue (ours, or the release's), not only weights."""
+    return "epoch" in checkpoint and "optimizer" in checkpoint and "model" in checkpoint
+
+
+def _lookup(tree: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return list(node) if isinstance(node, tuple) else node
+
+
+def schedule_changes(saved: Mapping[str, Any], config: CfgNode) -> list[str]:
+    """``KEY: old -> new`` for every schedule-relevant key whose value differs from the saved run's."""
+    current = yaml.safe_load(config.dump())
+    changes = []
+    for key in SCHEDULE_KEYS:
+        old, new = _lookup(saved, key), _lookup(current, key)
+        if old is not None and old != new:
+            changes.append(f"{key}: {old} -> {new}")
+    return changes
+
+
+def _saved_parameter_names(checkpoint: Mapping[str, Any], model: nn.Module) -> list[list[str]] | None:
+    """The parameter names of each saved optimiser group, in the group's order.
+
+    Our files name them (``param_names``). The release's groups (and ours from before names were saved) list
+    the model's parameters in the saved model's order, split into a decayed group and one without decay; that
+    split is rebuilt from the saved model's names. None when neither applies.
+    """
+    groups = checkpoint["optimizer"]["param_groups"]
+    if all("param_names" in group for group in groups):
+        return [list(group["param_names"]) for group in groups]
+    parameters = dict(unwrap_model(model).named_parameters())
+    order = [name for name in clean_state_dict(checkpoint) if name in parameters]
+    skip = unwrap_model(model).no_weight_decay_keywords() if hasattr(model, "no_weight_decay_keywords") else ()
+    split = [[n for n in order if is_decayed(n, parameters[n], skip)],
+             [n for n in order if not is_decayed(n, parameters[n], skip)]]
+    if [len(group["params"]) for group in groups] != [len(names) for names in split]:
+        return None
+    return split
+
+
+def _named_optimizer_state(checkpoint: Mapping[str, Any], model: nn.Module) -> tuple[dict[str, dict], str]:
+    """The saved optimiser state per parameter name, or ({}, the reason it cannot be matched)."""
+    names = _saved_parameter_names(checkpoint, model)
+    if names is None:
+        return {}, "its parameter groups do not match this model's"
+    saved = checkpoint["optimizer"]
+    ids = [i for group in saved["param_groups"] for i in group["params"]]
+    flat_names = [name for group in names for name in group]
+    return {name: saved["state"][i] for name, i in zip(flat_names, ids, strict=True) if i in saved["state"]}, ""
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, checkpoint: Mapping[str, Any], model: nn.Module,
+                      config: CfgNode, source: str, logger: logging.Logger) -> None:
+    """Load the saved optimiser moments and step counts into ``optimizer``, matched by parameter name.
+
+    The hyperparameters (learning rate, weight decay, betas, ...) stay those of ``optimizer``, which was built
+    from this run's config. When the saved state does not fit (another optimiser, model or grouping), the
+    optimiser starts fresh, with a warning saying why.
+    """
+    saved_name = _lookup(saved_config(checkpoint), "TRAIN.OPTIMIZER.NAME")
+    reason = ""
+    if saved_name is not None and str(saved_name).lower() != config.TRAIN.OPTIMIZER.NAME.lower():
+        reason = f"it is {saved_name}'s, this run uses {config.TRAIN.OPTIMIZER.NAME}"
+    named_state, reason = (({}, reason) if reason else _named_optimizer_state(checkpoint, model))
+    names = {id(p): n for n, p in unwrap_model(model).named_parameters()}
+    current = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    params = dict(unwrap_model(model).named_parameters())
+    if not reason:
+        missing = [n for n in current if n not in named_state]
+        wrong = [n for n in current if n in named_state and any(
+            torch.is_tensor(v) and v.ndim > 0 and v.shape != params[n].shape for v in named_state[n].values())]
+        if missing or wrong:
+            reason = f"no state for {(missing + wrong)[0]}" if missing else f"shapes differ at {wrong[0]}"
+    if reason:
+        logger.warning(f"{source}: its optimiser state does not fit ({reason}); training continues from its "
+                       "weights and epoch with a fresh optimiser state")
+        return
+    state_dict = optimizer.state_dict()
+    state_dict["state"] = {index: named_state[name] for index, name in enumerate(current)}
+    optimizer.load_state_dict(state_dict)
+
+
+def restore_training(state: TrainState, checkpoint: Mapping[str, Any], source: str, config: CfgNode, env: DistEnv,
+                     updates_per_epoch: int, logger: logging.Logger) -> tuple[int, float]:
+    """Load a saved run into ``state``; returns (first epoch to run, best accuracy so far).
+
+    The config is the truth for the schedule: the optimiser keeps this run's hyperparameters and the
+    schedule is this config's, evaluated at the saved update count, so the learning rate and weight decay of
+    update u equal a fresh run's with this config; the moments, step counts, weights, EMA and RNG states
+    come from the checkpoint. Every schedule key that changed is logged as ``old -> new``. A release
+    checkpoint (no update count) continues at (epoch + 1) x updates per epoch.
+    """
+    if not is_training_checkpoint(checkpoint):
+        raise CheckpointError(f"{source} holds weights only (no optimiser state or epoch); "
+                              "use --pretrained FILE to start a new run from it")
+    model = unwrap_model(state.model)
+    model.load_state_dict(fit_state_dict(checkpoint, model, source))
+    for change in schedule_changes(saved_config(checkpoint), config):
+        logger.info(f"config changed since {source}: {change}")
+    restore_optimizer(state.optimizer, checkpoint, model, config, source, logger)
+    scaler_state = checkpoint.get("scaler") or {}
+    if state.scaler.is_enabled() and scaler_state:
+        state.scaler.load_state_dict(scaler_state)
+    elif state.scaler.is_enabled():
+        logger.info(f"{source} has no float16 gradient-scaler state; the scaler starts fresh")
+    if state.ema is not None:
+        ema_weights = checkpoint.get("model_ema") or checkpoint["model"]
+        state.ema.module.load_state_dict(fit_state_dict(ema_weights, state.ema.module, f"{source} (EMA)"))
+    epoch = int(checkpoint["epoch"])
+    state.global_step = int(checkpoint.get("global_step", (epoch + 1) * updates_per_epoch))
+    if env.is_main and "rng" in checkpoint:  # every rank re-seeds from (SEED, rank, epoch) at each epoch anyway
+        set_rng_state(checkpoint["rng"])
+    saved_world = checkpoint.get("world_size", env.world_size)
+    if saved_world != env.world_size:
+        logger.warning(f"{source} was written by {saved_world} processes, this run has {env.world_size}: "
+                       "training continues but will not replay the original run exactly")
+    best_acc1 = float(checkpoint.get("max_accuracy", 0.0))
+    logger.info(f"resumed from {source}: epoch {epoch}, update {state.global_step}, best Acc@1 {best_acc1:.3f}")
+    return epoch + 1, best_acc1
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fitting weights from elsewhere
+
+
+def fit_state_dict(checkpoint: Mapping[str, Any], model: nn.Module, source: str) -> dict[str, torch.Tensor]:
+    """The model weights of a checkpoint (ours, the release's, or a bare state dict), checked against ``model``.
+
+    Raises:
+        CheckpointError: listing the mismatched names and shapes (another variant, size or class count).
+    """
+    try:
+        return checkpoint_filter_fn(checkpoint, model)
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+
+
+def load_pretrained(model: nn.Module, checkpoint: Mapping[str, Any], source: str, logger: logging.Logger
+                    ) -> list[str]:
+    """Load weights only, to start training from; a head of another class count is skipped and keeps its fresh
+    init (evaluation never does this: its weights must fit as they are).
+
+    Returns:
+        The names of the skipped keys.
+    """
+    weights = clean_state_dict(checkpoint)
+    expected = model.state_dict()
+    skipped = sorted(k for k, v in weights.items()
+                     if k.startswith("head.") and k in expected and v.shape != expected[k].shape)
+    weights.update({k: expected[k] for k in skipped})
+    model.load_state_dict(fit_state_dict(weights, model, f"pretrained checkpoint {source}"))
+    if skipped:
+        logger.info(f"pretrained {source}: another class count, so {', '.join(skipped)} keep their fresh init")
+    logger.info(f"loaded pretrained weights from {source}")
+    return skipped
