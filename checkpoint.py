@@ -81,10 +81,14 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
         with torch.serialization.safe_globals(RELEASE_GLOBALS):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = next((line for line in str(e).splitlines() if "GLOBAL" in line or "Can only" in line),
-                      type(e).__name__)
+        # The weights-only loader names the class or function it refused; anything else is a damaged file.
+        refusal = next((line.strip() for line in str(e).splitlines()
+                        if any(word in line for word in ("GLOBAL", "Can only", "reduce"))), None)
+        if refusal is None:
+            raise CheckpointError(f"cannot read {path}: the file is truncated or corrupt (not a checkpoint's "
+                                  "contents); delete it or point to another checkpoint") from None
         raise CheckpointError(
-            f"refusing {path}: it holds objects other than tensors and plain containers ({reason.strip()}); "
+            f"refusing {path}: it holds objects other than tensors and plain containers ({refusal}); "
             "only weights-only checkpoints are loaded, re-save it as a dict of tensors"
         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:

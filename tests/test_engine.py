@@ -10,8 +10,8 @@ from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from engine import NonFiniteLossError, StepSettings, TrainState, throughput, train_one_epoch, validate
 from distributed import DistEnv
+from engine import NonFiniteLossError, StepSettings, TrainState, throughput, train_one_epoch, validate
 from models import StripMLPNet
 
 LOGGER = logging.Logger("engine-test")
