@@ -4,38 +4,42 @@ from typing import NamedTuple
 
 import torch
 from timm.data import Mixup
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 from yacs.config import CfgNode
 
 from .datasets import CIFAR_KINDS, FOLDER_LAYOUTS, DataError, cifar_split, image_folder_split
 from .demo import make_demo_digits
 from .samplers import ShardSampler
+from .samples import SampleDataset
 from .transforms import build_transform
 
 
 class Loaders(NamedTuple):
     """What build_loader returns; unpacks like the release's five-tuple."""
 
-    dataset_train: Dataset
-    dataset_val: Dataset
+    dataset_train: SampleDataset
+    dataset_val: SampleDataset
     loader_train: DataLoader
     loader_val: DataLoader
     mixup_fn: Mixup | None
 
 
-def build_dataset(is_train: bool, config: CfgNode) -> Dataset:
-    """The training or validation split of DATA.DATASET under DATA.DATA_PATH, with its transform."""
+def build_dataset(is_train: bool, config: CfgNode) -> SampleDataset:
+    """The training or validation split of DATA.DATASET under DATA.DATA_PATH, with its transform.
+
+    It yields :class:`~data.samples.Sample` and passes over unreadable images (see SampleDataset).
+    """
     kind = config.DATA.DATASET
     root = config.DATA.DATA_PATH
     transform = build_transform(is_train, config)
     if kind in CIFAR_KINDS:
-        return cifar_split(root, is_train, kind, transform)
+        return SampleDataset(cifar_split(root, is_train, kind, transform))
     if kind in FOLDER_LAYOUTS:
-        return image_folder_split(root, "train" if is_train else "val", kind, transform)
+        return SampleDataset(image_folder_split(root, "train" if is_train else "val", kind, transform))
     raise DataError(f"unknown DATA.DATASET {kind!r}; valid: {', '.join([*CIFAR_KINDS, *FOLDER_LAYOUTS])}")
 
 
-def _check_classes(train: Dataset, val: Dataset, config: CfgNode) -> None:
+def _check_classes(train: SampleDataset, val: SampleDataset, config: CfgNode) -> None:
     """Both splits must name the same classes, as many as the classifier has outputs."""
     if list(train.classes) != list(val.classes):
         only_train = sorted(set(train.classes) - set(val.classes))
@@ -74,6 +78,7 @@ def build_loader(config: CfgNode, rank: int = 0, world_size: int = 1) -> Loaders
     Training shuffles through a DistributedSampler (call ``loader_train.sampler.set_epoch(epoch)`` each
     epoch) and drops the last incomplete batch; validation gives every sample to exactly one process
     (see ShardSampler), so that sums of correct predictions over processes are exact.
+    Batches are :class:`~data.samples.Sample` of tensors (``bad`` a tuple of strings).
     The "demo" dataset is written to DATA.DATA_PATH first if it is not there yet.
     """
     if config.DATA.DATASET == "demo":

@@ -25,14 +25,21 @@ FOLDER_LAYOUTS: dict[str, str] = {
 }
 
 
+class UnreadableImageError(DataError):
+    """One image file that cannot be read or decoded; its message is the line "PATH: REASON"."""
+
+
 def load_rgb_image(path: str) -> Image.Image:
-    """Decode an image file as RGB; a file that cannot be read or decoded raises DataError naming it."""
+    """Decode an image file as RGB; a file that cannot be read or decoded raises UnreadableImageError."""
     try:
-        with open(path, "rb") as f:
-            image = Image.open(f)
-            return image.convert("RGB")
-    except OSError as err:  # PIL's UnidentifiedImageError and truncated-file errors are OSErrors
-        raise DataError(f"cannot read image {path} ({err}); remove or replace this file") from None
+        with Image.open(path) as image:
+            return image.convert("RGB")  # convert() decodes now, so a damaged file fails here, not later
+    # Pillow's decoders fail with OSError (unidentified or truncated files), DecompressionBombError,
+    # SyntaxError, ValueError, EOFError, struct.error, ... depending on the plugin; nothing but the file is
+    # read in this block, so every exception here is the file's fault.
+    except Exception as err:
+        reason = " ".join(f"{type(err).__name__}: {err}".split())  # one line
+        raise UnreadableImageError(f"{path}: {reason}") from None
 
 
 def image_folder_split(root: str, split: str, kind: str, transform: Callable | None) -> ImageFolder:
