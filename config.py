@@ -16,9 +16,12 @@ from typing import Any
 import yaml
 from yacs.config import CfgNode as CN
 
+from data import BAD_IMAGE_POLICIES
+
 # Values a key may take; checked whenever a file, --opts or a flag sets the key.
 _CHOICES: dict[str, tuple[str, ...]] = {
     "DATA.DATASET": ("imagenet", "cifar10", "cifar100", "caltech101", "folder", "demo"),
+    "DATA.BAD_IMAGE": BAD_IMAGE_POLICIES,
     "DATA.INTERPOLATION": ("bicubic", "bilinear"),
     "MODEL.DROP_PATH_SCHEDULE": ("uniform", "linear"),
     "TRAIN.LR_SCHEDULER.NAME": ("cosine", "linear", "step"),
@@ -51,6 +54,9 @@ def default_config() -> CN:
     # Off by default: persistent workers keep their first-epoch random state, so a resumed run would draw
     # other augmentations than an uninterrupted one. True saves the worker start-up time per epoch.
     c.DATA.PERSISTENT_WORKERS = False
+    # What an image that cannot be read or decoded does: "skip" logs its path and trains on the next readable
+    # image of the split instead (and leaves it out of validation accuracy); "error" stops the run naming it.
+    c.DATA.BAD_IMAGE = "skip"  # one of _CHOICES["DATA.BAD_IMAGE"]
 
     # ---------------------------------------------------------------- model
     c.MODEL = CN()

@@ -4,10 +4,11 @@ from .build import Loaders, build_dataset, build_loader, build_mixup
 from .datasets import DataError
 from .demo import make_demo_digits
 from .samplers import ShardSampler
-from .samples import Sample, SampleDataset
+from .samples import BAD_IMAGE_POLICIES, Sample, SampleDataset
 from .transforms import build_transform
 
 __all__ = [
+    "BAD_IMAGE_POLICIES",
     "DataError",
     "Loaders",
     "Sample",

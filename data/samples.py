@@ -14,6 +14,9 @@ from torch.utils.data import Dataset
 
 from .datasets import DataError, UnreadableImageError
 
+# Values of DATA.BAD_IMAGE: "skip" trains past unreadable images (logging each), "error" stops the run.
+BAD_IMAGE_POLICIES: tuple[str, ...] = ("skip", "error")
+
 
 class Sample(NamedTuple):
     """One sample as every dataset of ``build_dataset`` yields it; ``default_collate`` batches each field.

@@ -10,7 +10,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from config import load_config
-from data import DataError, Sample, build_dataset
+from data import BAD_IMAGE_POLICIES, DataError, Sample, build_dataset
 from data.samples import max_consecutive_bad
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,3 +138,12 @@ def test_a_split_of_only_unreadable_files_stops_instead_of_circling(tmp_path: Pa
     with pytest.raises(DataError, match=r"^3 image files in a row cannot be read"):
         _val_dataset(tmp_path, 1)[2]
 
+
+def test_the_policy_key_takes_the_data_packages_choices() -> None:
+    from config import _CHOICES, ConfigError, default_config
+
+    assert _CHOICES["DATA.BAD_IMAGE"] is BAD_IMAGE_POLICIES == ("skip", "error")
+    assert default_config().DATA.BAD_IMAGE == "skip"
+    assert load_config(DEMO_CFG, ["DATA.BAD_IMAGE", "error"]).DATA.BAD_IMAGE == "error"
+    with pytest.raises(ConfigError, match="DATA.BAD_IMAGE 'ignore' is not supported; choose one of: skip, error"):
+        load_config(DEMO_CFG, ["DATA.BAD_IMAGE", "ignore"])
