@@ -15,11 +15,12 @@ from .transforms import build_transform
 
 
 class Loaders(NamedTuple):
-    """What build_loader returns; unpacks like the release's five-tuple."""
+    """What build_loader returns; unpacks like the release's five-tuple. The training fields are None when
+    only validation was built (``build_loader(..., train=False)``)."""
 
-    dataset_train: SampleDataset
+    dataset_train: SampleDataset | None
     dataset_val: SampleDataset
-    loader_train: DataLoader
+    loader_train: DataLoader | None
     loader_val: DataLoader
     mixup_fn: Mixup | None
 
@@ -39,19 +40,19 @@ def build_dataset(is_train: bool, config: CfgNode) -> SampleDataset:
     raise DataError(f"unknown DATA.DATASET {kind!r}; valid: {', '.join([*CIFAR_KINDS, *FOLDER_LAYOUTS])}")
 
 
-def _check_classes(train: SampleDataset, val: SampleDataset, config: CfgNode) -> None:
-    """Both splits must name the same classes, as many as the classifier has outputs."""
-    if list(train.classes) != list(val.classes):
+def _check_classes(train: SampleDataset | None, val: SampleDataset, config: CfgNode) -> None:
+    """Validation must have as many classes as the classifier has outputs, and training (if built) the same."""
+    if train is not None and list(train.classes) != list(val.classes):
         only_train = sorted(set(train.classes) - set(val.classes))
         only_val = sorted(set(val.classes) - set(train.classes))
         raise DataError(
             f"{config.DATA.DATA_PATH}: train and val have different classes "
             f"(only in train: {only_train[:5]}, only in val: {only_val[:5]}); both splits need the same class folders"
         )
-    if len(train.classes) != config.MODEL.NUM_CLASSES:
+    if len(val.classes) != config.MODEL.NUM_CLASSES:
         raise DataError(
-            f"{config.DATA.DATA_PATH} holds {len(train.classes)} classes but MODEL.NUM_CLASSES is "
-            f"{config.MODEL.NUM_CLASSES}; set MODEL.NUM_CLASSES {len(train.classes)} (--opts) or fix the data"
+            f"{config.DATA.DATA_PATH} holds {len(val.classes)} classes but MODEL.NUM_CLASSES is "
+            f"{config.MODEL.NUM_CLASSES}; set MODEL.NUM_CLASSES {len(val.classes)} (--opts) or fix the data"
         )
 
 
@@ -72,29 +73,22 @@ def build_mixup(config: CfgNode) -> Mixup | None:
     )
 
 
-def build_loader(config: CfgNode, rank: int = 0, world_size: int = 1) -> Loaders:
+def build_loader(config: CfgNode, rank: int = 0, world_size: int = 1, train: bool = True) -> Loaders:
     """Datasets, loaders and the mixup function for process ``rank`` of ``world_size``.
 
     Training shuffles through a DistributedSampler (call ``loader_train.sampler.set_epoch(epoch)`` each
     epoch) and drops the last incomplete batch; validation gives every sample to exactly one process
     (see ShardSampler), so that sums of correct predictions over processes are exact.
+    ``train=False`` (evaluation, throughput) reads only the validation split, never the training one, and
+    returns None for the training dataset, loader and mixup function.
     Batches are :class:`~data.samples.Sample` of tensors (``bad`` a tuple of strings).
     The "demo" dataset is written to DATA.DATA_PATH first if it is not there yet.
     """
     if config.DATA.DATASET == "demo":
         make_demo_digits(config.DATA.DATA_PATH)
-    dataset_train = build_dataset(True, config)
+    dataset_train = build_dataset(True, config) if train else None
     dataset_val = build_dataset(False, config)
     _check_classes(dataset_train, dataset_val, config)
-
-    sampler_train = DistributedSampler(dataset_train, num_replicas=world_size, rank=rank, shuffle=True,
-                                       seed=config.SEED)
-    if len(sampler_train) < config.DATA.BATCH_SIZE:
-        raise DataError(
-            f"DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} is more than the {len(sampler_train)} training images each of "
-            f"the {world_size} processes gets from {config.DATA.DATA_PATH}; lower it with --batch-size"
-        )
-    sampler_val = ShardSampler(len(dataset_val), rank, world_size, contiguous=config.TEST.SEQUENTIAL)
 
     workers = config.DATA.NUM_WORKERS
     common = {
@@ -104,6 +98,17 @@ def build_loader(config: CfgNode, rank: int = 0, world_size: int = 1) -> Loaders
         "pin_memory": config.DATA.PIN_MEMORY and config.DEVICE != "cpu" and torch.cuda.is_available(),
         "persistent_workers": config.DATA.PERSISTENT_WORKERS and workers > 0,
     }
-    loader_train = DataLoader(dataset_train, sampler=sampler_train, drop_last=True, **common)
+    sampler_val = ShardSampler(len(dataset_val), rank, world_size, contiguous=config.TEST.SEQUENTIAL)
     loader_val = DataLoader(dataset_val, sampler=sampler_val, drop_last=False, **common)
+    if dataset_train is None:
+        return Loaders(None, dataset_val, None, loader_val, None)
+
+    sampler_train = DistributedSampler(dataset_train, num_replicas=world_size, rank=rank, shuffle=True,
+                                       seed=config.SEED)
+    if len(sampler_train) < config.DATA.BATCH_SIZE:
+        raise DataError(
+            f"DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} is more than the {len(sampler_train)} training images each of "
+            f"the {world_size} processes gets from {config.DATA.DATA_PATH}; lower it with --batch-size"
+        )
+    loader_train = DataLoader(dataset_train, sampler=sampler_train, drop_last=True, **common)
     return Loaders(dataset_train, dataset_val, loader_train, loader_val, build_mixup(config))

@@ -1,5 +1,6 @@
 """Data: every dataset kind on generated files, transforms, mixup, sharded validation, clear errors."""
 
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -64,7 +65,7 @@ def test_missing_cifar_files_are_named(cifar_root: Callable, tmp_path: Path) -> 
     (root / "cifar-10-batches-py" / "test_batch").unlink()
     with pytest.raises(DataError, match="lacks test_batch; extract cifar-10-python.tar.gz"):
         build_loader(_config("cifar10", root, 10))
-    with pytest.raises(DataError, match="cifar-100-python lacks train, test, meta"):
+    with pytest.raises(DataError, match="cifar-100-python lacks train, meta"):
         build_loader(_config("cifar100", tmp_path, 100))
 
 
@@ -93,6 +94,54 @@ def test_missing_and_empty_paths_explain_the_layout(image_folder: Callable, tmp_
     shutil.rmtree(train_only / "val")
     with pytest.raises(DataError, match="val is missing; DATA.DATA_PATH must hold train/<class>/ and val/<class>/"):
         build_loader(_config("caltech101", train_only, 1))
+
+
+@pytest.mark.parametrize("kind", ["imagenet", "folder"])
+def test_validation_alone_needs_no_training_split(image_folder: Callable, kind: str) -> None:
+    root = image_folder({"a": (1, 2), "b": (1, 1)})
+    shutil.rmtree(root / "train")
+    config = _config(kind, root, 2, extra=("AUG.MIXUP", "0.8", "DATA.BATCH_SIZE", "4"))
+    loaders = build_loader(config, train=False)
+    assert (loaders.dataset_train, loaders.loader_train, loaders.mixup_fn) == (None, None, None)
+    assert len(loaders.dataset_val) == 3 and loaders.dataset_val.classes == ["a", "b"]
+    assert torch.cat([batch.target for batch in loaders.loader_val]).tolist() == [0, 0, 1]
+    assert list(build_loader(config, rank=1, world_size=2, train=False).loader_val.sampler) == [1]
+    with pytest.raises(DataError, match="holds 2 classes but MODEL.NUM_CLASSES is 3"):
+        build_loader(_config(kind, root, 3), train=False)
+    with pytest.raises(DataError, match="train is missing"):
+        build_loader(config)
+
+
+def test_validation_alone_never_lists_the_training_folder(image_folder: Callable,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    root = image_folder({"a": (2, 1), "b": (2, 1)})
+    listed: list[str] = []
+
+    def spy(real: Callable) -> Callable:
+        def listing(path: str = ".") -> object:
+            listed.append(os.path.abspath(path))
+            return real(path)
+        return listing
+
+    monkeypatch.setattr(os, "scandir", spy(os.scandir))  # ImageFolder's class scan, and os.walk below it
+    monkeypatch.setattr(os, "listdir", spy(os.listdir))
+    config = _config("folder", root, 2)
+    build_loader(config, train=False)
+    assert os.path.join(root, "val") in listed
+    assert not [path for path in listed if path.startswith(str(root / "train"))]
+    build_loader(config)  # the spy does see a full build list train/
+    assert os.path.join(root, "train") in listed
+
+
+def test_cifar_validation_alone_needs_only_the_test_file(cifar_root: Callable) -> None:
+    root = cifar_root("cifar10")
+    for i in range(1, 6):
+        (root / "cifar-10-batches-py" / f"data_batch_{i}").unlink()
+    loaders = build_loader(_config("cifar10", root, 10), train=False)
+    assert loaders.dataset_train is None and len(loaders.dataset_val) == 4
+    assert next(iter(loaders.loader_val)).image.shape == (2, 3, 32, 32)
+    with pytest.raises(DataError, match="lacks data_batch_1, data_batch_2, data_batch_3, data_batch_4, data_batch_5;"):
+        build_loader(_config("cifar10", root, 10))
 
 
 def test_batch_larger_than_a_shard_is_refused(image_folder: Callable) -> None:
