@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from yacs.config import CfgNode as CN
 
-from data import DATASETS, INTERPOLATIONS, MIXUP_MODES, RANDOM_ERASING_MODES
+from data import BAD_IMAGE_POLICIES, DATASETS, INTERPOLATIONS, MIXUP_MODES, RANDOM_ERASING_MODES
 from distributed import DEVICES
 from engine import AMP_DTYPES
 from lr_scheduler import LR_SCALINGS, SCHEDULERS
@@ -28,6 +28,7 @@ from utils import RunError
 # flag sets the key.
 CHOICES: dict[str, tuple[str, ...]] = {
     "DATA.DATASET": DATASETS,
+    "DATA.BAD_IMAGE": BAD_IMAGE_POLICIES,
     "DATA.INTERPOLATION": INTERPOLATIONS,
     "MODEL.DROP_PATH_SCHEDULE": DROP_PATH_SCHEDULES,
     "TRAIN.LR_SCHEDULER.NAME": SCHEDULERS,
@@ -60,6 +61,9 @@ def default_config() -> CN:
     # Off by default: persistent workers keep their first-epoch random state, so a resumed run would draw
     # other augmentations than an uninterrupted one. True saves the worker start-up time per epoch.
     c.DATA.PERSISTENT_WORKERS = False
+    # What an image that cannot be read or decoded does: "skip" logs its path and trains on the next readable
+    # image of the split instead (and leaves it out of validation accuracy); "error" stops the run naming it.
+    c.DATA.BAD_IMAGE = "skip"  # one of CHOICES["DATA.BAD_IMAGE"]
 
     # ---------------------------------------------------------------- model
     c.MODEL = CN()

@@ -12,7 +12,7 @@ import math
 import resource
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from timm.utils import ModelEmaV3, distribute_bn
 from torch import nn
 from yacs.config import CfgNode
 
+from data import DataError, Sample
 from distributed import DistEnv, all_reduce_sum
 from logger import ProgressLine
 from utils import RunError, unwrap_model
@@ -99,6 +100,50 @@ def average_bn_statistics(state: TrainState, sync_bn: bool, env: DistEnv) -> Non
             distribute_bn(state.ema.module, env.world_size, reduce=True)
 
 
+class UnreadableImages:
+    """The unreadable image files a run meets (see ``data.Sample.bad``).
+
+    Each file is logged once, with its reason. The run stops when DATA.BAD_IMAGE is "error", or when more
+    than 1% of the images of an epoch (or of the validation set) cannot be read: a broken disk is not noise.
+    Decisions are taken on counts summed over ranks, so every rank stops at the same step.
+    """
+
+    MAX_FRACTION = 0.01
+
+    def __init__(self, policy: str = "skip") -> None:
+        self.policy = policy
+        self.logged: set[str] = set()
+
+    def note(self, bad: Sequence[str], logger: logging.Logger) -> list[str]:
+        """The first line ("PATH: REASON" of the sample's own file) of each replaced sample of a batch; every
+        file passed over that was not logged before is logged now."""
+        for line in (line for text in bad for line in text.splitlines()):
+            if line not in self.logged:
+                self.logged.add(line)
+                logger.warning(f"unreadable image passed over (DATA.BAD_IMAGE {self.policy}): {line}")
+        return [text.splitlines()[0] for text in bad if text]
+
+    def check(self, own: list[str], count: int, where: str) -> None:
+        """Under DATA.BAD_IMAGE error, stop every rank when any met an unreadable image.
+
+        Args:
+            own: this rank's unreadable files since the last check.
+            count: their number summed over ranks.
+        """
+        if self.policy == "error" and count:
+            if own:
+                raise DataError(f"cannot read image {own[0]} at {where}; remove or replace the file, or set "
+                                "DATA.BAD_IMAGE skip to continue past unreadable images")
+            raise DataError(f"{count} image(s) cannot be read at {where} (DATA.BAD_IMAGE error); the rank that "
+                            "read them names each file")
+
+    def check_fraction(self, seen: int, total: int, scope: str) -> None:
+        """Stop every rank when ``seen`` of the ``total`` images of ``scope`` (sums over ranks) exceed the limit."""
+        if seen > self.MAX_FRACTION * total:
+            raise DataError(f"{seen} of the {total} images of {scope} cannot be read, more than "
+                            f"{self.MAX_FRACTION:.0%}: check the disk and DATA.DATA_PATH (a broken disk is not noise)")
+
+
 def _no_sync(model: nn.Module, skip_sync: bool) -> contextlib.AbstractContextManager:
     """DDP's ``no_sync`` when ``skip_sync`` (an accumulation micro-step), so only the last micro-step all-reduces."""
     inner = getattr(model, "_orig_mod", model)  # torch.compile wraps DDP; no_sync lives on the DDP module
@@ -140,6 +185,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def _to_device(images: torch.Tensor, targets: torch.Tensor, settings: StepSettings
                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch on the device, images in the configured memory format."""
     device = settings.env.device
     memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
     images = images.to(device, non_blocking=True, memory_format=memory_format)
@@ -169,17 +215,20 @@ def _optimizer_update(state: TrainState, settings: StepSettings, where: str) -> 
     return grad_norm if math.isfinite(grad_norm) else None
 
 
-def _agree_on_loss(bad_loss: float, settings: StepSettings, where: str) -> None:
-    """Raise on every rank if the loss was non-finite on any rank, before the backward pass that all-reduces.
-
-    ``bad_loss`` is this rank's first non-finite loss of the accumulation group, or 0.0. One small all-reduce
-    gives every rank every rank's value, so all ranks stop together with the same message instead of waiting
-    for the failed one in the gradient all-reduce.
-    """
+def _agree(bad_loss: float, unreadable: int, settings: StepSettings) -> tuple[list[float], int]:
+    """Every rank's first non-finite loss of the accumulation group (0.0 where all were finite), and the
+    unreadable images of the group summed over ranks: one small all-reduce per update, before the backward
+    pass that all-reduces the gradients, so that all ranks stop there together instead of waiting for a
+    failed one."""
     env = settings.env
-    losses = torch.zeros(env.world_size, dtype=torch.float64, device=env.device)
-    losses[env.rank] = bad_loss
-    losses = all_reduce_sum(losses, env).tolist()
+    health = torch.zeros(env.world_size + 1, dtype=torch.float64, device=env.device)
+    health[env.rank] = bad_loss
+    health[-1] = unreadable
+    *losses, total = all_reduce_sum(health, env).tolist()
+    return losses, int(total)
+
+
+def _check_losses(losses: list[float], where: str) -> None:
     bad = [rank for rank, value in enumerate(losses) if not math.isfinite(value)]
     if bad:
         raise NonFiniteLossError(
@@ -194,6 +243,7 @@ def train_one_epoch(
         settings: StepSettings,
         logger: logging.Logger,
         mixup_fn: Callable | None = None,
+        unreadable: UnreadableImages | None = None,
 ) -> dict[str, float | None]:
     """Train for one pass over ``loader``; returns mean loss, mean gradient norm (None if every update was
     skipped), skipped updates, last lr, time.
@@ -202,24 +252,29 @@ def train_one_epoch(
     epoch may be shorter and still makes an update. Each micro-batch's loss is divided by the size of its
     own group, so an update's gradient is the mean over the images of its group. Before the backward pass
     of each update the ranks agree that every loss of the group was finite. Updates that the float16 scaler
-    skipped are counted and left out of the mean gradient norm.
+    skipped are counted and left out of the mean gradient norm. Samples that replace unreadable images
+    (``unreadable`` decides what they may do) are trained on and counted.
 
     Raises:
         NonFiniteLossError: a loss (or, without float16 scaling, a gradient) is NaN or infinite.
+        DataError: unreadable images under DATA.BAD_IMAGE error, or too many of them.
     """
+    unreadable = unreadable or UnreadableImages()
     device = settings.env.device
     state.model.train()
     state.optimizer.zero_grad(set_to_none=True)
     num_steps = len(loader)
     accumulation = settings.accumulation_steps
     loss_sum = samples = grad_norm_sum = 0.0
-    finite_updates = skipped_updates = 0
+    finite_updates = skipped_updates = unreadable_seen = 0
     grad_norm = math.nan
     group_bad_loss = 0.0
+    group_unreadable: list[str] = []
     progress = ProgressLine(settings.env.is_main)
     start = time.time()
-    for step, (images, targets) in enumerate(loader):
-        images, targets = _to_device(images, targets, settings)
+    for step, batch in enumerate(loader):
+        group_unreadable += unreadable.note(batch.bad, logger)
+        images, targets = _to_device(batch.image, batch.target, settings)
         if mixup_fn is not None:
             images, targets = mixup_fn(images, targets)
         group_start = step - step % accumulation
@@ -233,7 +288,13 @@ def train_one_epoch(
             if not math.isfinite(loss_value) and group_bad_loss == 0.0:
                 group_bad_loss = loss_value
             if is_update:
-                _agree_on_loss(group_bad_loss, settings, where)
+                losses, group_count = _agree(group_bad_loss, len(group_unreadable), settings)
+                _check_losses(losses, where)
+                unreadable.check(group_unreadable, group_count, where)
+                unreadable_seen += group_count
+                unreadable.check_fraction(unreadable_seen, num_steps * images.shape[0] * settings.env.world_size,
+                                          f"epoch {epoch}")
+                group_unreadable = []
             if group_bad_loss == 0.0:  # a bad micro-step stops the run at its update; its gradient is not needed
                 state.scaler.scale(loss / group_size).backward()
 
@@ -272,48 +333,65 @@ def train_one_epoch(
                             settings.env).tolist()
     epoch_time = time.time() - start
     skipped = f", {skipped_updates} updates skipped by the float16 gradient scaler" if skipped_updates else ""
-    logger.info(f"EPOCH {epoch} training takes {datetime.timedelta(seconds=int(epoch_time))}{skipped}")
+    passed_over = f", {unreadable_seen} unreadable images replaced" if unreadable_seen else ""
+    logger.info(f"EPOCH {epoch} training takes {datetime.timedelta(seconds=int(epoch_time))}{skipped}{passed_over}")
     return {
         "train_loss": totals[0] / max(totals[1], 1),
         "grad_norm": grad_norm_sum / finite_updates if finite_updates else None,
         "skipped_updates": skipped_updates,
+        "unreadable_images": unreadable_seen,
         "lr": state.optimizer.param_groups[0]["lr"],
         "epoch_time": epoch_time,
     }
 
 
 @torch.no_grad()
-def validate(model: nn.Module, loader: Iterable, settings: StepSettings, logger: logging.Logger) -> dict[str, float]:
-    """Top-1/top-5 accuracy (%) and mean cross-entropy over the whole validation set.
+def validate(model: nn.Module, loader: Iterable[Sample], settings: StepSettings, logger: logging.Logger,
+             unreadable: UnreadableImages | None = None) -> dict[str, float]:
+    """Top-1/top-5 accuracy (%) and mean cross-entropy over the validation images that could be read.
 
     Each rank counts correct predictions, loss and images of its own shard; the counts are summed across
     ranks, so the result equals a single-process evaluation exactly (the validation shards cover each
     image once). Counting correct predictions directly (not averaging per-batch percentages) keeps them
-    integers.
+    integers. A sample that replaces an unreadable image is left out (its replacement is counted under
+    its own index), and the unreadable images are counted.
+
+    Raises:
+        DataError: unreadable images under DATA.BAD_IMAGE error, or more than 1% of them.
     """
+    unreadable = unreadable or UnreadableImages()
     model.eval()
     device = settings.env.device
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 correct, top-5 correct, images
-    for images, targets in loader:
-        images, targets = _to_device(images, targets, settings)
+    own_unreadable: list[str] = []
+    # loss, top-1 correct, top-5 correct, images evaluated, images unreadable
+    sums = torch.zeros(5, dtype=torch.float64, device=device)
+    for batch in loader:
+        own_unreadable += unreadable.note(batch.bad, logger)
+        readable = torch.tensor([not text for text in batch.bad], device=device)  # (B,)
+        images, targets = _to_device(batch.image, batch.target, settings)
         with torch.autocast(device.type, dtype=settings.amp_dtype, enabled=settings.amp_enabled):
             outputs = model(images)
-        outputs = outputs.float()
-        top = outputs.topk(min(5, outputs.shape[1]), dim=1).indices  # (B, k)
-        correct = top.eq(targets[:, None])  # (B, k)
+        outputs, targets = outputs.float()[readable], targets[readable]
+        top = outputs.topk(min(5, outputs.shape[1]), dim=1).indices  # (B', k)
+        correct = top.eq(targets[:, None])  # (B', k)
         sums += torch.stack([
             F.cross_entropy(outputs, targets, reduction="sum").double(),
             correct[:, :1].sum().double(),
             correct.sum().double(),
-            torch.tensor(float(targets.shape[0]), dtype=torch.float64, device=device),
+            readable.sum().double(),
+            (~readable).sum().double(),
         ])
-    loss_sum, correct1, correct5, count = all_reduce_sum(sums, settings.env).tolist()
+    loss_sum, correct1, correct5, count, unreadable_count = all_reduce_sum(sums, settings.env).tolist()
+    unreadable_count = int(unreadable_count)
+    unreadable.check(own_unreadable, unreadable_count, "validation")
+    unreadable.check_fraction(unreadable_count, int(count) + unreadable_count, "the validation set")
     if count == 0:
-        raise ValueError("the validation set is empty; check DATA.DATA_PATH")
+        raise DataError("the validation set is empty; check DATA.DATA_PATH")
     metrics = {"acc1": 100.0 * correct1 / count, "acc5": 100.0 * correct5 / count, "loss": loss_sum / count,
-               "images": int(count)}
+               "images": int(count), "unreadable_images": unreadable_count}
     logger.info(f" * Acc@1 {metrics['acc1']:.3f} Acc@5 {metrics['acc5']:.3f}")
-    logger.info(f"validation loss {metrics['loss']:.4f} over {metrics['images']} images")
+    left_out = f" ({unreadable_count} unreadable images left out)" if unreadable_count else ""
+    logger.info(f"validation loss {metrics['loss']:.4f} over {metrics['images']} images{left_out}")
     return metrics
 
 

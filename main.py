@@ -31,6 +31,7 @@ from distributed import DistEnv, destroy_distributed, init_distributed, on_rank0
 from engine import (
     StepSettings,
     TrainState,
+    UnreadableImages,
     average_bn_statistics,
     build_criterion,
     compile_model,
@@ -88,7 +89,7 @@ def evaluate_only(config: CfgNode, env: DistEnv, logger: logging.Logger) -> int:
         logger.info(f"loaded weights from {source}")
     forward_model = compile_model(model, inference_only=True) if config.COMPILE else model
     if config.EVAL_MODE:
-        validate(forward_model, loaders.loader_val, settings, logger)
+        validate(forward_model, loaders.loader_val, settings, logger, UnreadableImages(config.DATA.BAD_IMAGE))
     else:
         throughput(forward_model, next(iter(loaders.loader_val))[0], settings, logger)
     return 0
@@ -132,6 +133,7 @@ def train(config: CfgNode, env: DistEnv, logger: logging.Logger) -> int:
             ema.module.load_state_dict(model.state_dict())
     state.scheduler.step_update(state.global_step)
 
+    unreadable = UnreadableImages(config.DATA.BAD_IMAGE)
     metrics_log = MetricsLog(Path(config.OUTPUT), enabled=env.is_main)
     if start_epoch < config.TRAIN.EPOCHS:
         logger.info(f"training epochs {start_epoch}..{config.TRAIN.EPOCHS - 1}, {updates_per_epoch} updates per epoch")
@@ -141,13 +143,15 @@ def train(config: CfgNode, env: DistEnv, logger: logging.Logger) -> int:
         for epoch in range(start_epoch, config.TRAIN.EPOCHS):
             seed_everything(epoch_seed(config.SEED, env.rank, epoch))
             loaders.loader_train.sampler.set_epoch(epoch)
-            train_stats = train_one_epoch(state, loaders.loader_train, epoch, settings, logger, loaders.mixup_fn)
+            train_stats = train_one_epoch(state, loaders.loader_train, epoch, settings, logger, loaders.mixup_fn,
+                                          unreadable)
             average_bn_statistics(state, config.TRAIN.SYNC_BN, env)
-            val_stats = validate(state.model, loaders.loader_val, settings, logger)
+            val_stats = validate(state.model, loaders.loader_val, settings, logger, unreadable)
             row = {"epoch": epoch, **train_stats, "val_loss": val_stats["loss"], "acc1": val_stats["acc1"],
-                   "acc5": val_stats["acc5"]}
+                   "acc5": val_stats["acc5"], "val_images": val_stats["images"],
+                   "val_unreadable_images": val_stats["unreadable_images"]}
             if ema is not None:
-                ema_stats = validate(ema.module, loaders.loader_val, settings, logger)
+                ema_stats = validate(ema.module, loaders.loader_val, settings, logger, unreadable)
                 row.update(ema_acc1=ema_stats["acc1"], ema_acc5=ema_stats["acc5"], ema_val_loss=ema_stats["loss"])
             is_best = val_stats["acc1"] > best_acc1
             best_acc1 = max(best_acc1, val_stats["acc1"])

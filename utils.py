@@ -16,6 +16,13 @@ class RunError(RuntimeError):
     ``main`` turns each into one line on stderr and exit status 1.
     """
 
+    def __init__(self, message: str) -> None:
+        # A DataLoader worker's error reaches the main process rebuilt around the worker's traceback, whose last
+        # line is "module.ErrorClass: message"; the user gets that message alone.
+        if "\nOriginal Traceback" in message:
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        super().__init__(message)
+
 
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (all CUDA devices included)."""

@@ -4,12 +4,13 @@ from typing import NamedTuple
 
 import torch
 from timm.data import Mixup
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 from yacs.config import CfgNode
 
 from .datasets import CIFAR_KINDS, FOLDER_LAYOUTS, DataError, cifar_split, image_folder_split
 from .demo import make_demo_digits
 from .samplers import ShardSampler
+from .samples import SampleDataset
 from .transforms import build_transform
 
 DATASETS = (*FOLDER_LAYOUTS, *CIFAR_KINDS)
@@ -17,40 +18,44 @@ MIXUP_MODES = ("batch", "pair", "elem")  # timm's Mixup draws its parameters per
 
 
 class Loaders(NamedTuple):
-    """What build_loader returns; unpacks like the release's five-tuple."""
+    """What build_loader returns; unpacks like the release's five-tuple. The training fields are None when
+    only validation was built (``build_loader(..., train=False)``)."""
 
-    dataset_train: Dataset
-    dataset_val: Dataset
-    loader_train: DataLoader
+    dataset_train: SampleDataset | None
+    dataset_val: SampleDataset
+    loader_train: DataLoader | None
     loader_val: DataLoader
     mixup_fn: Mixup | None
 
 
-def build_dataset(is_train: bool, config: CfgNode) -> Dataset:
-    """The training or validation split of DATA.DATASET under DATA.DATA_PATH, with its transform."""
+def build_dataset(is_train: bool, config: CfgNode) -> SampleDataset:
+    """The training or validation split of DATA.DATASET under DATA.DATA_PATH, with its transform.
+
+    It yields :class:`~data.samples.Sample` and passes over unreadable images (see SampleDataset).
+    """
     kind = config.DATA.DATASET
     root = config.DATA.DATA_PATH
     transform = build_transform(is_train, config)
     if kind in CIFAR_KINDS:
-        return cifar_split(root, is_train, kind, transform)
+        return SampleDataset(cifar_split(root, is_train, kind, transform))
     if kind in FOLDER_LAYOUTS:
-        return image_folder_split(root, "train" if is_train else "val", kind, transform)
+        return SampleDataset(image_folder_split(root, "train" if is_train else "val", kind, transform))
     raise DataError(f"unknown DATA.DATASET {kind!r}; valid: {', '.join(DATASETS)}")
 
 
-def _check_classes(train: Dataset, val: Dataset, config: CfgNode) -> None:
-    """Both splits must name the same classes, as many as the classifier has outputs."""
-    if list(train.classes) != list(val.classes):
+def _check_classes(train: SampleDataset | None, val: SampleDataset, config: CfgNode) -> None:
+    """Validation must have as many classes as the classifier has outputs, and training (if built) the same."""
+    if train is not None and list(train.classes) != list(val.classes):
         only_train = sorted(set(train.classes) - set(val.classes))
         only_val = sorted(set(val.classes) - set(train.classes))
         raise DataError(
             f"{config.DATA.DATA_PATH}: train and val have different classes "
             f"(only in train: {only_train[:5]}, only in val: {only_val[:5]}); both splits need the same class folders"
         )
-    if len(train.classes) != config.MODEL.NUM_CLASSES:
+    if len(val.classes) != config.MODEL.NUM_CLASSES:
         raise DataError(
-            f"{config.DATA.DATA_PATH} holds {len(train.classes)} classes but MODEL.NUM_CLASSES is "
-            f"{config.MODEL.NUM_CLASSES}; set MODEL.NUM_CLASSES {len(train.classes)} (--opts) or fix the data"
+            f"{config.DATA.DATA_PATH} holds {len(val.classes)} classes but MODEL.NUM_CLASSES is "
+            f"{config.MODEL.NUM_CLASSES}; set MODEL.NUM_CLASSES {len(val.classes)} (--opts) or fix the data"
         )
 
 
@@ -77,27 +82,16 @@ def build_loader(config: CfgNode, rank: int = 0, world_size: int = 1, train: boo
     Training shuffles through a DistributedSampler (call ``loader_train.sampler.set_epoch(epoch)`` each
     epoch) and drops the last incomplete batch; validation gives every sample to exactly one process
     (see ShardSampler), so that sums of correct predictions over processes are exact.
+    ``train=False`` (evaluation, throughput) reads only the validation split, never the training one, and
+    returns None for the training dataset, loader and mixup function.
+    Batches are :class:`~data.samples.Sample` of tensors (``bad`` a tuple of strings).
     The "demo" dataset is written to DATA.DATA_PATH first if it is not there yet.
     """
     if config.DATA.DATASET == "demo":
         make_demo_digits(config.DATA.DATA_PATH)
+    dataset_train = build_dataset(True, config) if train else None
     dataset_val = build_dataset(False, config)
-    if not train:
-        loader_val = DataLoader(dataset_val, sampler=ShardSampler(len(dataset_val), rank, world_size,
-                                contiguous=config.TEST.SEQUENTIAL), batch_size=config.DATA.BATCH_SIZE,
-                                num_workers=config.DATA.NUM_WORKERS)
-        return Loaders(None, dataset_val, None, loader_val, None)
-    dataset_train = build_dataset(True, config)
     _check_classes(dataset_train, dataset_val, config)
-
-    sampler_train = DistributedSampler(dataset_train, num_replicas=world_size, rank=rank, shuffle=True,
-                                       seed=config.SEED)
-    if len(sampler_train) < config.DATA.BATCH_SIZE:
-        raise DataError(
-            f"DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} is more than the {len(sampler_train)} training images each of "
-            f"the {world_size} processes gets from {config.DATA.DATA_PATH}; lower it with --batch-size"
-        )
-    sampler_val = ShardSampler(len(dataset_val), rank, world_size, contiguous=config.TEST.SEQUENTIAL)
 
     workers = config.DATA.NUM_WORKERS
     common = {
@@ -107,6 +101,17 @@ def build_loader(config: CfgNode, rank: int = 0, world_size: int = 1, train: boo
         "pin_memory": config.DATA.PIN_MEMORY and config.DEVICE != "cpu" and torch.cuda.is_available(),
         "persistent_workers": config.DATA.PERSISTENT_WORKERS and workers > 0,
     }
-    loader_train = DataLoader(dataset_train, sampler=sampler_train, drop_last=True, **common)
+    sampler_val = ShardSampler(len(dataset_val), rank, world_size, contiguous=config.TEST.SEQUENTIAL)
     loader_val = DataLoader(dataset_val, sampler=sampler_val, drop_last=False, **common)
+    if dataset_train is None:
+        return Loaders(None, dataset_val, None, loader_val, None)
+
+    sampler_train = DistributedSampler(dataset_train, num_replicas=world_size, rank=rank, shuffle=True,
+                                       seed=config.SEED)
+    if len(sampler_train) < config.DATA.BATCH_SIZE:
+        raise DataError(
+            f"DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} is more than the {len(sampler_train)} training images each of "
+            f"the {world_size} processes gets from {config.DATA.DATA_PATH}; lower it with --batch-size"
+        )
+    loader_train = DataLoader(dataset_train, sampler=sampler_train, drop_last=True, **common)
     return Loaders(dataset_train, dataset_val, loader_train, loader_val, build_mixup(config))

@@ -10,6 +10,8 @@ import torch
 import yaml
 from PIL import Image
 
+from data import Sample
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -70,3 +72,8 @@ def launch(args: list[str], nproc: int = 0, timeout: float = 300, **popen) -> su
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def sample_batch(images: torch.Tensor, targets: torch.Tensor, bad: tuple[str, ...] | None = None) -> Sample:
+    """A batch as the data loaders give it; ``bad`` marks samples that replace unreadable files."""
+    return Sample(images, targets, torch.arange(len(targets)), bad or ("",) * len(targets))

@@ -1,5 +1,6 @@
 """Data: every dataset kind on generated files, transforms, mixup, sharded validation, clear errors."""
 
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +14,7 @@ from timm.data.random_erasing import RandomErasing
 from torchvision import transforms
 
 from config import load_config
-from data import DataError, ShardSampler, build_loader, build_transform, make_demo_digits
+from data import DataError, Sample, ShardSampler, build_loader, build_transform, make_demo_digits
 from data.demo import MARKER
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,11 +36,13 @@ def test_image_folder_kinds_load_both_splits(image_folder: Callable, kind: str, 
     loaders = build_loader(_config(kind, root, 3, img_size=64))
     assert (len(loaders.dataset_train), len(loaders.dataset_val)) == (9, 5)
     assert loaders.dataset_train.classes == ["cat", "dog", "eel"]
-    images, labels = next(iter(loaders.loader_train))
-    assert images.shape == (2, 3, 64, 64) and images.dtype == torch.float32
-    assert set(labels.tolist()) <= {0, 1, 2}
-    val_labels = torch.cat([y for _, y in loaders.loader_val])
-    assert sorted(val_labels.tolist()) == [0, 0, 1, 2, 2]
+    batch = next(iter(loaders.loader_train))
+    assert isinstance(batch, Sample) and list(batch.bad) == ["", ""]
+    assert batch.image.shape == (2, 3, 64, 64) and batch.image.dtype == torch.float32
+    assert set(batch.target.tolist()) <= {0, 1, 2} and set(batch.index.tolist()) <= set(range(9))
+    val_batches = list(loaders.loader_val)
+    assert sorted(torch.cat([b.target for b in val_batches]).tolist()) == [0, 0, 1, 2, 2]
+    assert torch.cat([b.index for b in val_batches]).tolist() == [0, 1, 2, 3, 4]
     assert loaders.mixup_fn is None
 
 
@@ -51,10 +54,10 @@ def test_cifar_reads_torchvision_pickles_and_resizes(cifar_root: Callable, kind:
     loaders = build_loader(_config(kind, root, num_classes, img_size=64))
     assert (len(loaders.dataset_train), len(loaders.dataset_val)) == (train_size, per_file)
     assert len(loaders.dataset_train.classes) == num_classes
-    images, _ = next(iter(loaders.loader_val))
-    assert images.shape == (2, 3, 64, 64)  # 32x32 images resized up to the input size
-    images, _ = next(iter(loaders.loader_train))
-    assert images.shape == (2, 3, 64, 64)
+    batch = next(iter(loaders.loader_val))
+    assert isinstance(batch, Sample) and batch.index.tolist() == [0, 1] and list(batch.bad) == ["", ""]
+    assert batch.image.shape == (2, 3, 64, 64)  # 32x32 images resized up to the input size
+    assert next(iter(loaders.loader_train)).image.shape == (2, 3, 64, 64)
 
 
 def test_missing_cifar_files_are_named(cifar_root: Callable, tmp_path: Path) -> None:
@@ -62,7 +65,7 @@ def test_missing_cifar_files_are_named(cifar_root: Callable, tmp_path: Path) -> 
     (root / "cifar-10-batches-py" / "test_batch").unlink()
     with pytest.raises(DataError, match="lacks test_batch; extract cifar-10-python.tar.gz"):
         build_loader(_config("cifar10", root, 10))
-    with pytest.raises(DataError, match="cifar-100-python lacks train, test, meta"):
+    with pytest.raises(DataError, match="cifar-100-python lacks train, meta"):
         build_loader(_config("cifar100", tmp_path, 100))
 
 
@@ -93,13 +96,52 @@ def test_missing_and_empty_paths_explain_the_layout(image_folder: Callable, tmp_
         build_loader(_config("caltech101", train_only, 1))
 
 
-def test_undecodable_image_is_named(image_folder: Callable) -> None:
-    root = image_folder({"a": (2, 2), "b": (2, 2)})
-    broken = root / "val" / "a" / "img_000.png"
-    broken.write_bytes(b"not an image")
-    loaders = build_loader(_config("folder", root, 2))
-    with pytest.raises(DataError, match=f"cannot read image {broken}"):
-        list(loaders.loader_val)
+@pytest.mark.parametrize("kind", ["imagenet", "folder"])
+def test_validation_alone_needs_no_training_split(image_folder: Callable, kind: str) -> None:
+    root = image_folder({"a": (1, 2), "b": (1, 1)})
+    shutil.rmtree(root / "train")
+    config = _config(kind, root, 2, extra=("AUG.MIXUP", "0.8", "DATA.BATCH_SIZE", "4"))
+    loaders = build_loader(config, train=False)
+    assert (loaders.dataset_train, loaders.loader_train, loaders.mixup_fn) == (None, None, None)
+    assert len(loaders.dataset_val) == 3 and loaders.dataset_val.classes == ["a", "b"]
+    assert torch.cat([batch.target for batch in loaders.loader_val]).tolist() == [0, 0, 1]
+    assert list(build_loader(config, rank=1, world_size=2, train=False).loader_val.sampler) == [1]
+    with pytest.raises(DataError, match="holds 2 classes but MODEL.NUM_CLASSES is 3"):
+        build_loader(_config(kind, root, 3), train=False)
+    with pytest.raises(DataError, match="train is missing"):
+        build_loader(config)
+
+
+def test_validation_alone_never_lists_the_training_folder(image_folder: Callable,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    root = image_folder({"a": (2, 1), "b": (2, 1)})
+    listed: list[str] = []
+
+    def spy(real: Callable) -> Callable:
+        def listing(path: str = ".") -> object:
+            listed.append(os.path.abspath(path))
+            return real(path)
+        return listing
+
+    monkeypatch.setattr(os, "scandir", spy(os.scandir))  # ImageFolder's class scan, and os.walk below it
+    monkeypatch.setattr(os, "listdir", spy(os.listdir))
+    config = _config("folder", root, 2)
+    build_loader(config, train=False)
+    assert os.path.join(root, "val") in listed
+    assert not [path for path in listed if path.startswith(str(root / "train"))]
+    build_loader(config)  # the spy does see a full build list train/
+    assert os.path.join(root, "train") in listed
+
+
+def test_cifar_validation_alone_needs_only_the_test_file(cifar_root: Callable) -> None:
+    root = cifar_root("cifar10")
+    for i in range(1, 6):
+        (root / "cifar-10-batches-py" / f"data_batch_{i}").unlink()
+    loaders = build_loader(_config("cifar10", root, 10), train=False)
+    assert loaders.dataset_train is None and len(loaders.dataset_val) == 4
+    assert next(iter(loaders.loader_val)).image.shape == (2, 3, 32, 32)
+    with pytest.raises(DataError, match="lacks data_batch_1, data_batch_2, data_batch_3, data_batch_4, data_batch_5;"):
+        build_loader(_config("cifar10", root, 10))
 
 
 def test_batch_larger_than_a_shard_is_refused(image_folder: Callable) -> None:
@@ -125,16 +167,17 @@ def test_loaders_over_simulated_ranks(image_folder: Callable, world_size: int) -
     val_paths, train_epochs = [], []
     for rank in range(world_size):
         loaders = build_loader(_config("folder", root, 3), rank=rank, world_size=world_size)
-        samples = loaders.dataset_val.samples
+        samples = loaders.dataset_val.base.samples
         val_paths += [samples[i][0] for i in loaders.loader_val.sampler]
-        assert sum(len(y) for _, y in loaders.loader_val) == len(loaders.loader_val.sampler)
+        indices = torch.cat([batch.index for batch in loaders.loader_val])
+        assert indices.tolist() == list(loaders.loader_val.sampler)
         sampler = loaders.loader_train.sampler
         orders = []
         for epoch in (0, 1):
             sampler.set_epoch(epoch)
             orders.append(list(sampler))
         train_epochs.append(orders)
-    assert sorted(val_paths) == sorted(path for path, _ in loaders.dataset_val.samples)
+    assert sorted(val_paths) == sorted(path for path, _ in loaders.dataset_val.base.samples)
     for epoch in (0, 1):  # training shards are disjoint and cover the set (18 divides by 2 and 3)
         assert sorted(i for orders in train_epochs for i in orders[epoch]) == list(range(18))
     assert train_epochs[0][0] != train_epochs[0][1]  # re-shuffled each epoch
@@ -172,7 +215,8 @@ def test_mixup_follows_the_aug_keys(image_folder: Callable) -> None:
     mixed = build_loader(_config("folder", root, 2, extra=("AUG.MIXUP", "0.8", "AUG.CUTMIX", "1.0")))
     assert isinstance(mixed.mixup_fn, Mixup)
     assert mixed.mixup_fn.label_smoothing == 0.1 and mixed.mixup_fn.num_classes == 2
-    images, targets = mixed.mixup_fn(*next(iter(mixed.loader_train)))
+    batch = next(iter(mixed.loader_train))
+    images, targets = mixed.mixup_fn(batch.image, batch.target)
     assert targets.shape == (2, 2) and torch.allclose(targets.sum(1), torch.ones(2))
     cutmix_box = build_loader(_config("folder", root, 2, extra=("AUG.CUTMIX_MINMAX", "[0.3, 0.7]")))
     assert cutmix_box.mixup_fn is not None
@@ -203,13 +247,6 @@ def test_demo_config_makes_its_data_on_first_use(tmp_path: Path) -> None:
     config = load_config(DEMO_CFG, ["DATA.DATA_PATH", str(tmp_path / "demo"), "DATA.NUM_WORKERS", "0"])
     loaders = build_loader(config)
     assert len(loaders.dataset_train) + len(loaders.dataset_val) == 1797
-    images, labels = next(iter(loaders.loader_train))
-    assert images.shape == (config.DATA.BATCH_SIZE, 3, 32, 32)
+    assert next(iter(loaders.loader_train)).image.shape == (config.DATA.BATCH_SIZE, 3, 32, 32)
     assert loaders.mixup_fn is None
 
-
-def test_config_and_data_know_the_same_datasets() -> None:
-    from config import _CHOICES
-    from data.datasets import CIFAR_KINDS, FOLDER_LAYOUTS
-
-    assert set(_CHOICES["DATA.DATASET"]) == {*CIFAR_KINDS, *FOLDER_LAYOUTS}

@@ -1,6 +1,8 @@
 """Several processes on the CPU (gloo) give the numbers one process gives: training steps and evaluation."""
 
+import datetime
 import logging
+import math
 import re
 from pathlib import Path
 
@@ -8,13 +10,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from run_helpers import launch, run_dir, write_config, write_image_folder
+from run_helpers import launch, run_dir, sample_batch, write_config, write_image_folder
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
 from checkpoint import load_checkpoint_file
+from data import Sample
 from distributed import DistEnv
-from engine import StepSettings, TrainState, train_one_epoch, validate
+from engine import NonFiniteLossError, StepSettings, TrainState, train_one_epoch, validate
 
 LOGGER = logging.Logger("distributed-test")
 
@@ -36,9 +39,14 @@ def problem() -> tuple[nn.Module, list, list]:
     4 and 7 validation images."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.GELU(), nn.Linear(16, 4))
-    train = [(torch.randn(4, 3, 2, 2), torch.randint(0, 4, (4,))) for _ in range(5)]
-    val = [(torch.randn(7, 3, 2, 2), torch.randint(0, 4, (7,)))]
+    train = [sample_batch(torch.randn(4, 3, 2, 2), torch.randint(0, 4, (4,))) for _ in range(5)]
+    val = [sample_batch(torch.randn(7, 3, 2, 2), torch.randint(0, 4, (7,)))]
     return model, train, val
+
+
+def shard(batch: Sample, rank: int) -> Sample:
+    """Every other image of a batch, starting at ``rank``."""
+    return sample_batch(batch.image[rank::2], batch.target[rank::2])
 
 
 def ddp_worker(rank: int, world_size: int, init_file: str, result_file: str) -> None:
@@ -48,8 +56,8 @@ def ddp_worker(rank: int, world_size: int, init_file: str, result_file: str) -> 
     env = DistEnv(rank=rank, world_size=world_size, local_rank=rank, device=torch.device("cpu"))
     state = make_state(nn.parallel.DistributedDataParallel(model))
     # Each rank gets every other image of each batch; validation shards are uneven (4 and 3 images).
-    train_stats = train_one_epoch(state, [(x[rank::2], y[rank::2]) for x, y in train], 0, step_settings(env), LOGGER)
-    val_stats = validate(state.model, [(x[rank::2], y[rank::2]) for x, y in val], step_settings(env), LOGGER)
+    train_stats = train_one_epoch(state, [shard(batch, rank) for batch in train], 0, step_settings(env), LOGGER)
+    val_stats = validate(state.model, [shard(batch, rank) for batch in val], step_settings(env), LOGGER)
     if rank == 0:
         torch.save({"model": model.state_dict(), "train": train_stats, "val": val_stats}, result_file)
     dist.destroy_process_group()
@@ -71,6 +79,36 @@ def test_two_ddp_processes_equal_one_process(tmp_path: Path) -> None:
     assert {k: result["val"][k] for k in ("acc1", "acc5", "images")} == {k: val_stats[k] for k in ("acc1", "acc5",
                                                                                                    "images")}
     assert result["val"]["loss"] == pytest.approx(val_stats["loss"], rel=1e-6)
+
+
+def nan_worker(rank: int, world_size: int, init_file: str, result_file: str) -> None:
+    """Rank 1's third batch has a NaN loss; rank 0's are all finite."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=60))
+    torch.set_num_threads(1)
+    model, train, _ = problem()
+    env = DistEnv(rank=rank, world_size=world_size, local_rank=rank, device=torch.device("cpu"))
+    state = make_state(nn.parallel.DistributedDataParallel(model))
+    batches = [shard(batch, rank) for batch in train]
+    if rank == 1:
+        batches[2].image[0, 0, 0, 0] = math.nan
+    try:
+        train_one_epoch(state, batches, 3, step_settings(env), LOGGER)
+        outcome = "finished"
+    except NonFiniteLossError as e:
+        outcome = str(e)
+    except RuntimeError as e:  # a collective that timed out waiting for the failed rank
+        outcome = f"{type(e).__name__}: {e}"
+    torch.save({"outcome": outcome, "global_step": state.global_step}, f"{result_file}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_a_nan_on_one_rank_stops_every_rank_together_with_the_same_message(tmp_path: Path) -> None:
+    mp.spawn(nan_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "result")), nprocs=2)
+    results = [torch.load(tmp_path / f"result.{rank}", weights_only=True) for rank in (0, 1)]
+    assert results[0] == results[1]
+    assert results[0]["outcome"].startswith("loss is nan at epoch 3 step 3/5 (optimiser update 1) on rank 1;")
+    assert results[0]["global_step"] == 1  # the update of steps 2-3 never happened on either rank
 
 
 def summary(output: str) -> str:

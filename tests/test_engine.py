@@ -6,12 +6,22 @@ import math
 
 import pytest
 import torch
+from run_helpers import sample_batch
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch import nn
 
+from data import DataError, Sample
 from distributed import DistEnv
-from engine import NonFiniteLossError, StepSettings, TrainState, throughput, train_one_epoch, validate
+from engine import (
+    NonFiniteLossError,
+    StepSettings,
+    TrainState,
+    UnreadableImages,
+    throughput,
+    train_one_epoch,
+    validate,
+)
 from models import StripMLPNet
 
 LOGGER = logging.Logger("engine-test")
@@ -43,14 +53,14 @@ def make_state(model: nn.Module, optimizer_cls=torch.optim.AdamW, fp16: bool = F
     )
 
 
-def batches(count: int, size: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def batches(count: int, size: int, seed: int = 1) -> list[Sample]:
     generator = torch.Generator().manual_seed(seed)
-    return [(torch.randn(size, 3, 2, 2, generator=generator), torch.randint(0, 4, (size,), generator=generator))
-            for _ in range(count)]
+    return [sample_batch(torch.randn(size, 3, 2, 2, generator=generator),
+                         torch.randint(0, 4, (size,), generator=generator)) for _ in range(count)]
 
 
-def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+def merge(parts: list[Sample]) -> Sample:
+    return sample_batch(torch.cat([p.image for p in parts]), torch.cat([p.target for p in parts]))
 
 
 def assert_same_weights(a: nn.Module, b: nn.Module) -> None:
@@ -100,7 +110,7 @@ class NaNOnMarker(nn.Module):
 
 def test_nan_loss_stops_naming_the_step_before_touching_the_weights() -> None:
     data = batches(3, size=2)
-    data[1][0][0, 0, 0, 0] = math.inf
+    data[1].image[0, 0, 0, 0] = math.inf
     state = make_state(NaNOnMarker())
     after_first = make_state(NaNOnMarker())
     train_one_epoch(after_first, data[:1], 4, settings(), LOGGER)
@@ -125,7 +135,8 @@ def test_mixed_precision_trains_on_cpu(dtype: torch.dtype) -> None:
     model = StripMLPNet(img_size=32, num_classes=4, embed_dim=8, layers=(1, 1, 1, 1))
     state = make_state(model, fp16=dtype == torch.float16)
     generator = torch.Generator().manual_seed(0)
-    data = [(torch.randn(4, 3, 32, 32, generator=generator), torch.randint(0, 4, (4,), generator=generator))] * 2
+    data = [sample_batch(torch.randn(4, 3, 32, 32, generator=generator),
+                         torch.randint(0, 4, (4,), generator=generator))] * 2
     before = copy.deepcopy(model.state_dict())
     stats = train_one_epoch(state, data, 0, settings(amp_dtype=dtype), LOGGER)
     assert math.isfinite(stats["train_loss"]) and state.global_step == 2
@@ -145,12 +156,97 @@ def test_validate_counts_exactly() -> None:
                            [3, 2, 9, 1, 0, 0]])
     # Target ranks per row: 1st, 6th, 3rd, 6th, 1st -> top-1 right for rows 0 and 4, top-5 also for row 2.
     targets = torch.tensor([0, 0, 1, 0, 2])
-    loader = [(logits[:2], targets[:2]), (logits[2:], targets[2:])]
+    loader = [sample_batch(logits[:2], targets[:2]), sample_batch(logits[2:], targets[2:])]
     metrics = validate(Logits(), loader, settings(), LOGGER)
     assert metrics["images"] == 5
     assert metrics["acc1"] == pytest.approx(100 * 2 / 5)
     assert metrics["acc5"] == pytest.approx(100 * 3 / 5)
     assert metrics["loss"] == pytest.approx(nn.functional.cross_entropy(logits, targets).item())
+
+
+def test_float16_skipped_updates_are_counted_and_left_out_of_the_mean_gradient_norm() -> None:
+    """The first batch's scaled gradient overflows float32: the scaler skips that update, the others count."""
+    state = make_state(linear_model(), fp16=True)
+    state.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100, growth_interval=1000)
+    data = batches(4, size=2)
+    data[0].image.mul_(1e9)
+    stats = train_one_epoch(state, data, 0, settings(), LOGGER)
+    assert stats["skipped_updates"] == 1 and state.global_step == 4
+    assert math.isfinite(stats["grad_norm"]) and stats["grad_norm"] > 0
+
+
+def test_a_non_finite_gradient_without_a_scaler_stops_before_the_update() -> None:
+    class InfiniteBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+            return grad * math.inf
+
+    class InfiniteGradient(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = linear_model()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return InfiniteBackward.apply(self.body(x))  # a finite loss whose gradient is not
+
+    state = make_state(InfiniteGradient())
+    before = copy.deepcopy(state.model.state_dict())
+    with pytest.raises(NonFiniteLossError, match=r"gradient norm is (inf|nan) at epoch 0 step 0/2"):
+        train_one_epoch(state, batches(2, size=2), 0, settings(), LOGGER)
+    assert all(torch.equal(before[name], value) for name, value in state.model.state_dict().items())
+
+
+def recording_logger() -> tuple[logging.Logger, list[str]]:
+    """A logger of its own (outside the registry, as the run's) and the messages it receives."""
+    logger, messages = logging.Logger("recorded"), []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger.addHandler(handler)
+    return logger, messages
+
+
+def with_bad(batch: Sample, bad: tuple[str, ...]) -> Sample:
+    return batch._replace(bad=bad)
+
+
+def test_unreadable_training_images_are_trained_past_logged_once_and_counted() -> None:
+    data = batches(60, size=4)  # 2 of 240 images: under 1%
+    data[3] = with_bad(data[3], ("", "/d/a.jpg: OSError: truncated", "", ""))
+    data[9] = with_bad(data[9], ("/d/a.jpg: OSError: truncated", "", "", ""))  # the same file, a second time
+    logger, messages = recording_logger()
+    stats = train_one_epoch(make_state(linear_model()), data, 0, settings(), logger, unreadable=UnreadableImages())
+    assert stats["unreadable_images"] == 2
+    assert sum("/d/a.jpg: OSError: truncated" in m for m in messages) == 1  # logged once
+    assert "2 unreadable images replaced" in messages[-1]
+
+
+def test_unreadable_images_stop_the_run_under_the_error_policy_or_beyond_one_percent() -> None:
+    data = batches(4, size=4)
+    data[2] = with_bad(data[2], ("", "/d/b.png: UnidentifiedImageError: cannot identify image file", "", ""))
+    with pytest.raises(DataError, match=r"cannot read image /d/b.png: UnidentifiedImageError: .* at epoch 0 step 2/4"):
+        train_one_epoch(make_state(linear_model()), data, 0, settings(), LOGGER, unreadable=UnreadableImages("error"))
+    # 1 of 16 images is more than 1%: a broken disk is not noise, whatever the policy.
+    with pytest.raises(DataError, match=r"1 of the 16 images of epoch 0 cannot be read, more than 1%"):
+        train_one_epoch(make_state(linear_model()), data, 0, settings(), LOGGER, unreadable=UnreadableImages("skip"))
+
+
+def test_validation_leaves_out_replaced_samples_and_counts_them() -> None:
+    logits = torch.eye(4).repeat(50, 1)[:200] * 9  # every prediction right
+    targets = torch.arange(4).repeat(50)[:200]
+    bad = tuple("/v/x.jpg: OSError: broken" if i == 7 else "" for i in range(200))
+    loader = [sample_batch(logits[:100], targets[:100], bad[:100]),
+              sample_batch(logits[100:], targets[100:], bad[100:])]
+    loader[0].target[7] = 3 - loader[0].target[7]  # the replacement's prediction is wrong: it must not count
+    logger, messages = recording_logger()
+    metrics = validate(Logits(), loader, settings(), logger)
+    assert (metrics["images"], metrics["unreadable_images"], metrics["acc1"]) == (199, 1, 100.0)
+    assert any("over 199 images (1 unreadable images left out)" in m for m in messages)
+    with pytest.raises(DataError, match="cannot read image /v/x.jpg"):
+        validate(Logits(), loader, settings(), LOGGER, UnreadableImages("error"))
 
 
 def test_throughput_measures_images_per_second() -> None:
@@ -172,7 +268,8 @@ def test_cuda_float16_with_scaler_channels_last(compile_model: bool) -> None:
     run = StepSettings(env=env, amp_enabled=True, amp_dtype=torch.float16, channels_last=True, accumulation_steps=2,
                        clip_grad=1.0, print_freq=1, epochs=1)
     generator = torch.Generator().manual_seed(0)
-    data = [(torch.randn(4, 3, 32, 32, generator=generator), torch.randint(0, 4, (4,), generator=generator))] * 4
+    data = [sample_batch(torch.randn(4, 3, 32, 32, generator=generator),
+                         torch.randint(0, 4, (4,), generator=generator))] * 4
     stats = train_one_epoch(state, data, 0, run, LOGGER)
     assert math.isfinite(stats["train_loss"]) and state.global_step == 2
     metrics = validate(state.model, data, run, LOGGER)
