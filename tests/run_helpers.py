@@ -1,6 +1,7 @@
 """Small generated data and configs for the end-to-end tests of the training engine."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ import numpy as np
 import torch
 import yaml
 from PIL import Image
+from yacs.config import CfgNode
 
 from data import Sample
 
@@ -61,13 +63,19 @@ def run_dir(output: Path) -> Path:
     return output / "tiny" / "run"
 
 
-def launch(args: list[str], nproc: int = 0, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
-    """Run ``main.py`` in a fresh interpreter (under torchrun with ``nproc`` processes when given)."""
+def launch(args: list[str], nproc: int = 0, timeout: float = 300, script: Path = REPO / "main.py",
+           **popen) -> subprocess.CompletedProcess:
+    """Run ``script`` (``main.py``) in a fresh interpreter (under torchrun with ``nproc`` processes when given)."""
     prefix = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
               if nproc else [sys.executable])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([*prefix, str(REPO / "main.py"), *args], cwd=REPO, env=env, capture_output=True, text=True,
+    return subprocess.run([*prefix, str(script), *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout, **popen)
+
+
+def plain(text: str) -> str:
+    """``text`` without terminal colour codes."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -77,3 +85,14 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
 def sample_batch(images: torch.Tensor, targets: torch.Tensor, bad: tuple[str, ...] | None = None) -> Sample:
     """A batch as the data loaders give it; ``bad`` marks samples that replace unreadable files."""
     return Sample(images, targets, torch.arange(len(targets)), bad or ("",) * len(targets))
+
+
+def release_config() -> CfgNode:
+    """The yacs node the release pickled with its checkpoints (Swin's layout, abridged)."""
+    node = CfgNode()
+    node.MODEL = CfgNode({"TYPE": "strip_mlp", "NAME": "strip_mlp_tiny", "DROP_PATH_RATE": 0.1})
+    node.TRAIN = CfgNode({"EPOCHS": 300, "BASE_LR": 5e-4, "WARMUP_EPOCHS": 20, "WEIGHT_DECAY": 0.05,
+                          "OPTIMIZER": CfgNode({"NAME": "adamw", "BETAS": (0.9, 0.999)})})
+    node.AMP_OPT_LEVEL = "O1"
+    node.freeze()
+    return node

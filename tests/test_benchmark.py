@@ -12,6 +12,9 @@ import timm
 import models  # noqa: F401  (registers the variants with timm)
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import benchmark  # noqa: E402  (tools/ is a folder of scripts, not a package)
+
 SMALL = ["--model", "strip_mlp_tiny_light", "--img-size", "64", "--batch-size", "2", "--warmup", "1", "--repeats", "2"]
 
 
@@ -74,3 +77,31 @@ def test_bad_options_fail_with_one_line(options: list[str], message: str) -> Non
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_peak_memory_is_measured_alone_in_a_fresh_process_on_every_device(monkeypatch) -> None:
+    """On CUDA too: the timed models, optimiser states and batches of this process must not count."""
+    started = []
+
+    class FakeQueue:
+        def get(self) -> float:
+            return 123.0
+
+    class FakeProcess:
+        def __init__(self, target, args) -> None:
+            started.append((target, args))
+
+        def start(self) -> None:
+            pass
+
+        def join(self) -> None:
+            pass
+
+    class Context:
+        Queue = FakeQueue
+        Process = FakeProcess
+
+    monkeypatch.setattr(benchmark.multiprocessing, "get_context", lambda method: Context)
+    setting = benchmark.Setting("strip_mlp_tiny", 224, 8, "bf16", False, False, "cuda:0")
+    assert benchmark.measure_peak_memory("HEAD", setting, train=True) == 123.0
+    assert started[0][0] is benchmark._peak_memory_child and started[0][1][:3] == ("HEAD", setting, True)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_helpers import REPO, launch, load_weights, run_dir, write_config, write_image_folder
+import torch.distributed as dist
+from run_helpers import REPO, launch, load_weights, plain, release_config, run_dir, write_config, write_image_folder
 
 import engine
 import main
@@ -336,3 +337,171 @@ def test_demo_config_reaches_its_accuracy(tmp_path: Path) -> None:
     rows = [json.loads(line) for line in next((tmp_path / "out").rglob("metrics.jsonl")).read_text().splitlines()]
     print(f"demo: final Acc@1 {rows[-1]['acc1']:.3f} after {len(rows)} epochs in {time.time() - started:.0f}s")
     assert rows[-1]["acc1"] >= 95.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hardening: what long multi-GPU runs and release checkpoints need
+
+
+def test_eval_and_throughput_need_only_the_validation_split(trained: Path, images: Path, tmp_path: Path,
+                                                            capsys, monkeypatch) -> None:
+    monkeypatch.setattr(main, "throughput", functools.partial(engine.throughput, warmup=1, repeats=1))
+    val_only = tmp_path / "val_only"
+    val_only.mkdir()
+    (val_only / "val").symlink_to(images / "val")
+    common = ["--cfg", str(trained / "config.yaml"), "--data-path", str(val_only)]
+    assert main.main([*common, "--eval", "--resume", str(trained / "latest.pth"), "--tag", "val-only"]) == 0
+    assert main.main([*common, "--throughput", "--tag", "val-only-speed"]) == 0
+    assert " * Acc@1 " in capsys.readouterr().out
+
+
+def test_eval_with_weights_of_another_class_count_is_an_error(golden_setup, capsys) -> None:
+    """Only training re-initialises a head that does not fit; evaluation would score a random one."""
+    config_path, root, _ = golden_setup
+    images = write_image_folder(root / "three-classes", classes=3, train_per_class=2, val_per_class=1, size=64)
+    code = main.main(["--cfg", str(config_path), "--eval", "--pretrained", str(root / "release.pth"), "--data-path",
+                      str(images), "--opts", "MODEL.NUM_CLASSES", "3"])
+    assert code == 1
+    assert "head.weight: checkpoint (10, 320) vs model (3, 320)" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def release_training_file(golden_setup) -> Path:
+    """The golden weights as the release's own training code saved them: yacs config, optimiser, epoch 9."""
+    _, root, golden = golden_setup
+    path = root / "release_training.pth"
+    torch.save({"model": golden["state_dict"], "optimizer": {"state": {}, "param_groups": []},
+                "lr_scheduler": {"t_initial": 300}, "max_accuracy": 55.0, "epoch": 9, "config": release_config(),
+                "amp": {"loss_scaler0": {"loss_scale": 65536.0, "unskipped": 0}}}, path)
+    return path
+
+
+def test_release_training_checkpoint_evaluates_fine_tunes_and_resumes(golden_setup, release_training_file: Path,
+                                                                       capsys) -> None:
+    config_path, _, _ = golden_setup
+    def run(*args: str, epochs: int = 1) -> int:
+        return main.main(["--cfg", str(config_path), *args, "--opts", "TRAIN.EPOCHS", str(epochs),
+                          "TRAIN.WARMUP_EPOCHS", "0"])
+
+    assert run("--eval", "--resume", str(release_training_file), "--tag", "release-eval") == 0
+    assert run("--pretrained", str(release_training_file), "--tag", "release-finetune") == 0
+    assert run("--resume", str(release_training_file), "--tag", "release-resume", epochs=11) == 0
+    captured = capsys.readouterr()
+    assert " * Acc@1 " in captured.out and "loaded pretrained weights from" in captured.out
+    assert "its optimiser state does not fit" in plain(captured.out)  # the release's optimiser: a fresh state
+    # 10 training images in batches of 4: 2 updates per epoch, so epoch 9 ends at update (9 + 1) x 2.
+    assert "resumed from" in captured.out and "epoch 9, update 20, best Acc@1 55.000" in captured.out
+    assert "config changed since" in captured.out and "TRAIN.EPOCHS: 300 -> 11" in captured.out
+    assert "training epochs 10..10" in captured.out
+
+
+def test_resume_with_more_epochs_and_a_lower_rate_follows_the_new_schedule(trained: Path, images: Path,
+                                                                          tmp_path: Path, capsys) -> None:
+    """What the NaN message suggests: resume with a lower TRAIN.BASE_LR (and more epochs). The final rate and
+    weight decay are those of a fresh run with the new config at the same update."""
+    new = {"TRAIN": {"EPOCHS": 3, "BASE_LR": 4e-4, "WEIGHT_DECAY": 0.01}}
+    resumed = write_config(tmp_path / "resumed.yaml", images, tmp_path / "resumed", new)
+    assert main.main(["--cfg", str(resumed), "--resume", str(trained / "latest.pth")]) == 0
+    out = capsys.readouterr().out
+    assert "TRAIN.BASE_LR: 0.001 -> 0.0004" in out and "TRAIN.EPOCHS: 2 -> 3" in out
+    fresh = write_config(tmp_path / "fresh.yaml", images, tmp_path / "fresh", new)
+    assert main.main(["--cfg", str(fresh)]) == 0
+    a = load_checkpoint_file(run_dir(tmp_path / "resumed") / "latest.pth")["optimizer"]["param_groups"]
+    b = load_checkpoint_file(run_dir(tmp_path / "fresh") / "latest.pth")["optimizer"]["param_groups"]
+    assert [(g["lr"], g["weight_decay"]) for g in a] == [(g["lr"], g["weight_decay"]) for g in b]
+
+
+def test_resume_may_switch_to_float16(trained: Path, images: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "config.yaml", images, tmp_path / "out", {"TRAIN": {"EPOCHS": 3}})
+    assert main.main(["--cfg", str(config), "--resume", str(trained / "latest.pth"), "--amp", "--amp-dtype",
+                      "float16"]) == 0
+    assert load_checkpoint_file(run_dir(tmp_path / "out") / "latest.pth")["scaler"]["scale"] > 0
+
+
+def test_torchrun_with_one_process_leaves_no_process_group(trained: Path, monkeypatch) -> None:
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(29400 + os.getpid() % 1000)}.items():
+        monkeypatch.setenv(key, value)
+    try:
+        assert main.main(["--cfg", str(trained / "config.yaml"), "--eval", "--resume", str(trained / "latest.pth"),
+                          "--tag", "torchrun1"]) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def corrupt(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:40])  # a truncated PNG
+
+
+@pytest.fixture(scope="module")
+def many_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """120 training and 105 validation images: one unreadable file per split is under 1%."""
+    return write_image_folder(tmp_path_factory.mktemp("many"), classes=3, train_per_class=40, val_per_class=35)
+
+
+@pytest.mark.slow
+def test_unreadable_images_are_skipped_counted_or_stop_the_run(many_images: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        (data / split).mkdir(parents=True)
+        for folder in (many_images / split).iterdir():
+            (data / split / folder.name).mkdir()
+            for image in folder.iterdir():
+                (data / split / folder.name / image.name).write_bytes(image.read_bytes())
+    corrupt(data / "train" / "class_1" / "3.png")
+    corrupt(data / "val" / "class_2" / "0.png")
+    config = write_config(tmp_path / "config.yaml", data, tmp_path / "out", {"TRAIN": {"EPOCHS": 1}, "PRINT_FREQ": 100})
+    skipped = launch(["--cfg", str(config)])
+    assert skipped.returncode == 0, skipped.stderr
+    row = json.loads((run_dir(tmp_path / "out") / "metrics.jsonl").read_text())
+    assert (row["unreadable_images"], row["val_unreadable_images"], row["val_images"]) == (1, 1, 104)
+    log = (run_dir(tmp_path / "out") / "log_rank0.txt").read_text()
+    assert log.count("class_1/3.png: ") == 1 and "validation loss" in log and "over 104 images" in log
+
+    stopped = launch(["--cfg", str(config), "--tag", "strict", "--opts", "DATA.BAD_IMAGE", "error"])
+    assert stopped.returncode == 1
+    assert "cannot read image" in stopped.stderr and "class_1/3.png" in stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    assert not list((run_dir(tmp_path / "out").parent / "strict").glob("*.pth"))
+
+    corrupt(data / "train" / "class_0" / "5.png")  # 2 of 120: more than 1%
+    broken = launch(["--cfg", str(config), "--tag", "broken"])
+    assert broken.returncode == 1 and "more than 1%" in broken.stderr
+
+
+# Runs main.py with a loss that turns NaN at the second micro-step on rank 1 only.
+NAN_ON_RANK1 = textwrap.dedent("""
+    import os, runpy, sys
+    sys.path.insert(0, os.getcwd())
+    import engine
+
+    real_build = engine.build_criterion
+
+    def build_criterion(config, mixup_active):
+        criterion, calls = real_build(config, mixup_active), []
+
+        def poisoned(outputs, targets):
+            calls.append(1)
+            loss = criterion(outputs, targets)
+            return loss * float("nan") if os.environ["RANK"] == "1" and len(calls) == 2 else loss
+
+        return poisoned
+
+    engine.build_criterion = build_criterion
+    sys.argv = ["main.py", *sys.argv[1:]]
+    runpy.run_path("main.py", run_name="__main__")
+""")
+
+
+@pytest.mark.slow
+def test_a_nan_on_rank1_stops_both_ranks_with_the_error_on_stderr(images: Path, tmp_path: Path) -> None:
+    script = tmp_path / "nan_on_rank1.py"
+    script.write_text(NAN_ON_RANK1)
+    config = write_config(tmp_path / "config.yaml", images, tmp_path / "out", {"TRAIN": {"EPOCHS": 1}})
+    result = launch(["--cfg", str(config)], nproc=2, timeout=240, script=script)
+    assert result.returncode != 0
+    errors = plain(result.stderr)
+    for rank in (0, 1):
+        assert f"rank {rank}] ERROR loss is nan at epoch 0 step 1/3 (optimiser update 1) on rank 1;" in errors, errors

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from run_helpers import release_config
 from yacs.config import CfgNode
 
 from checkpoint import (
@@ -125,17 +126,6 @@ def test_precision_may_change_between_runs(saved_fp16: bool, now_fp16: bool, cap
 
 # ---------------------------------------------------------------------------------------------------------------
 # The release's own checkpoints
-
-
-def release_config() -> CfgNode:
-    """The yacs node the release pickled with its checkpoints (Swin's layout, abridged)."""
-    node = CfgNode()
-    node.MODEL = CfgNode({"TYPE": "strip_mlp", "NAME": "strip_mlp_tiny", "DROP_PATH_RATE": 0.1})
-    node.TRAIN = CfgNode({"EPOCHS": 300, "BASE_LR": 5e-4, "WARMUP_EPOCHS": 20, "WEIGHT_DECAY": 0.05,
-                          "OPTIMIZER": CfgNode({"NAME": "adamw", "BETAS": (0.9, 0.999)})})
-    node.AMP_OPT_LEVEL = "O1"
-    node.freeze()
-    return node
 
 
 def release_checkpoint(model: torch.nn.Module, order: list[str]) -> tuple[dict, list[str]]:

@@ -10,8 +10,8 @@ current model with the eager one the same way.
 
 On CPU, glibc returns large buffers to the kernel after every step and page faults then dominate;
 run with `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184` (or a preloaded jemalloc/tcmalloc)
-for steady numbers. Peak memory is the peak RSS of a fresh child process on CPU, and the peak of
-the caching allocator on CUDA.
+for steady numbers. Peak memory is measured for each implementation alone, in a fresh child process:
+its peak RSS on CPU, the peak of the caching allocator on CUDA.
 """
 
 import argparse
@@ -122,18 +122,12 @@ def _peak_memory_child(revision: str | None, setting: Setting, train: bool, queu
     step = Step(build(load_implementation(revision), setting), setting, train)
     for _ in range(2):
         step()
-    queue.put(peak_memory_mb(torch.device("cpu")))
+    queue.put(peak_memory_mb(torch.device(setting.device)))
 
 
 def measure_peak_memory(revision: str | None, setting: Setting, train: bool) -> float:
-    """Peak memory of two steps: of a fresh process on CPU, of the caching allocator on CUDA."""
-    if setting.device.startswith("cuda"):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        step = Step(build(load_implementation(revision), setting), setting, train)
-        for _ in range(2):
-            step()
-        return peak_memory_mb(torch.device(setting.device))
+    """Peak memory of two steps of one implementation, alone in a fresh process: the models, optimiser states
+    and batches that the timing keeps alive in this process would otherwise count too."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     child = context.Process(target=_peak_memory_child, args=(revision, setting, train, queue))
