@@ -1,11 +1,12 @@
-"""logger.MetricsLog: JSON rows per epoch, mirrored to TensorBoard events, written by rank 0 only."""
+"""logger: the console and error streams of each rank, and MetricsLog's JSON rows mirrored to TensorBoard."""
 
+import io
 import json
 from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from logger import MetricsLog
+from logger import MetricsLog, close_logger, create_logger
 
 
 def test_rows_go_to_json_lines_and_tensorboard(tmp_path: Path) -> None:
@@ -25,3 +26,17 @@ def test_other_ranks_write_nothing(tmp_path: Path) -> None:
     log.write({"epoch": 0, "acc1": 1.0})
     log.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_every_rank_reports_its_errors_on_stderr_and_only_rank0_prints_progress(tmp_path: Path) -> None:
+    streams = {rank: (io.StringIO(), io.StringIO()) for rank in (0, 3)}
+    for rank, (console, errors) in streams.items():
+        logger = create_logger(tmp_path, rank, "run", console=console, errors=errors)
+        logger.info("progress")
+        logger.error("loss is nan")
+        close_logger(logger)
+    for rank, (console, errors) in streams.items():
+        assert f"run rank {rank}]" in errors.getvalue() and "loss is nan" in errors.getvalue()
+        assert "progress" not in errors.getvalue() and "loss is nan" not in console.getvalue()
+        assert "loss is nan" in (tmp_path / f"log_rank{rank}.txt").read_text()
+    assert "progress" in streams[0][0].getvalue() and streams[3][0].getvalue() == ""
