@@ -17,16 +17,18 @@ import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import yaml
+from timm.data import ImageNetInfo
 from torch import nn
 from yacs.config import CfgNode
 
+from config import config_from_text, load_config
 from distributed import DistEnv, on_rank0
 from engine import TrainState
-from models import checkpoint_filter_fn, clean_state_dict
+from models import build_model, checkpoint_filter_fn, clean_state_dict
 from optimizer import is_decayed
 from utils import RunError, rng_state, set_rng_state, unwrap_model
 
@@ -202,9 +204,10 @@ def prune_checkpoints(output_dir: Path, keep: int) -> list[Path]:
 # Saving a run
 
 
-def build_checkpoint(state: TrainState, config: CfgNode, env: DistEnv, epoch: int, best_acc1: float
-                     ) -> dict[str, Any]:
-    """Everything needed to continue exactly, as tensors and plain containers (weights_only-loadable).
+def build_checkpoint(state: TrainState, config: CfgNode, env: DistEnv, epoch: int, best_acc1: float,
+                     classes: list[str]) -> dict[str, Any]:
+    """Everything needed to continue exactly, as tensors and plain containers (weights_only-loadable), and the
+    dataset's class names, which the tools show.
 
     The release's keys (``model``, ``optimizer``, ``lr_scheduler``, ``max_accuracy``, ``epoch``, ``config``)
     are kept, so the release's own code can read these files too.
@@ -221,11 +224,12 @@ def build_checkpoint(state: TrainState, config: CfgNode, env: DistEnv, epoch: in
         "rng": rng_state(),
         "world_size": env.world_size,
         "config": config.dump(),
+        "classes": list(classes),
     }
 
 
 def save_epoch(state: TrainState, config: CfgNode, env: DistEnv, epoch: int, best_acc1: float, is_best: bool,
-               logger: logging.Logger) -> None:
+               classes: list[str], logger: logging.Logger) -> None:
     """Rank 0 writes the epoch's checkpoints: ``ckpt_epoch_<n>.pth`` when due, ``best.pth``, then ``latest.pth``.
 
     ``latest.pth`` goes last: a kill between the writes leaves an epoch file one epoch ahead of it, which
@@ -234,7 +238,7 @@ def save_epoch(state: TrainState, config: CfgNode, env: DistEnv, epoch: int, bes
     if not env.is_main:
         return
     output_dir = Path(config.OUTPUT)
-    checkpoint = build_checkpoint(state, config, env, epoch, best_acc1)
+    checkpoint = build_checkpoint(state, config, env, epoch, best_acc1, classes)
     if (epoch + 1) % config.SAVE_FREQ == 0 or epoch + 1 == config.TRAIN.EPOCHS:
         path = output_dir / f"ckpt_epoch_{epoch}.pth"
         save_checkpoint(checkpoint, path)
@@ -410,3 +414,57 @@ def load_pretrained(model: nn.Module, checkpoint: Mapping[str, Any], source: str
         logger.info(f"pretrained {source}: another class count, so {', '.join(skipped)} keep their fresh init")
     logger.info(f"loaded pretrained weights from {source}")
     return skipped
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A trained model for the tools
+
+
+class Inference(NamedTuple):
+    """A model ready to predict: its config, the model in eval mode on its device, and its class names."""
+
+    config: CfgNode
+    model: nn.Module
+    classes: list[str]
+
+
+def class_names(checkpoint: Mapping[str, Any], num_classes: int) -> list[str]:
+    """The class names a checkpoint carries; for a 1000-class one without them (the release's), ImageNet-1K's
+    names as timm ships them; otherwise the class indices."""
+    names = checkpoint.get("classes")
+    if names and len(names) == num_classes:
+        return list(names)
+    if num_classes == 1000:
+        return [description.split(",")[0] for description in ImageNetInfo().label_descriptions()]
+    return [str(index) for index in range(num_classes)]
+
+
+def checkpoint_config(checkpoint: Mapping[str, Any], source: str, cfg_file: str | None = None,
+                      opts: list[str] | tuple[str, ...] = ()) -> CfgNode:
+    """The config of a trained model: ``cfg_file`` when given, else the config the checkpoint carries (ours
+    save it as YAML); ``opts`` (KEY VALUE pairs) override either.
+
+    Raises:
+        CheckpointError: no ``cfg_file`` and the checkpoint carries no config of ours (the release's do not).
+    """
+    if cfg_file:
+        return load_config(cfg_file, opts)
+    if not isinstance(checkpoint.get("config"), str):
+        raise CheckpointError(f"{source} carries no config of this repository (a release checkpoint?); give --cfg "
+                              "naming its variant and dataset, e.g. configs/imagenet1k/strip_mlp_tiny.yaml")
+    return config_from_text(checkpoint["config"], source, opts)
+
+
+def load_for_inference(path: str | Path, cfg_file: str | None = None, opts: list[str] | tuple[str, ...] = (),
+                       device: str | torch.device = "cpu") -> Inference:
+    """Build the model a checkpoint (ours or the release's) holds, with its weights, in eval mode on ``device``.
+
+    Raises:
+        CheckpointError: unreadable file, no config to build the model from, or weights that do not fit it.
+        ConfigError: a bad ``cfg_file`` or ``opts``.
+    """
+    checkpoint = load_checkpoint_file(path)
+    config = checkpoint_config(checkpoint, str(path), cfg_file, opts)
+    model = build_model(config)
+    model.load_state_dict(fit_state_dict(checkpoint, model, str(path)))
+    return Inference(config, model.to(device).eval(), class_names(checkpoint, config.MODEL.NUM_CLASSES))

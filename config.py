@@ -41,6 +41,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+# Keys of earlier versions, and why they went; saved configs that hold them still load.
+REMOVED_KEYS: dict[str, str] = {
+    "TRAIN.START_EPOCH": "a resumed run starts after the checkpoint's epoch; delete the key",
+}
+
+
 class ConfigError(RunError):
     """A bad config file, key or value; its message is one line meant for the user."""
 
@@ -189,6 +195,8 @@ def _coerce(value: Any, default: Any, key: str, source: str) -> Any:
 
 def _set_key(config: CN, key: str, value: Any, source: str) -> None:
     """Set dotted ``key`` of a config under construction; nested mappings set their sub-keys."""
+    if key in REMOVED_KEYS:
+        raise ConfigError(f"{source}: {key} was removed: {REMOVED_KEYS[key]}")
     parts = key.split(".")
     node = config
     for depth, name in enumerate(parts):
@@ -327,6 +335,46 @@ def _shortcut_values(args: argparse.Namespace) -> list[tuple[str, str, Any]]:
     return [(flag, key, value) for flag, key, value in given if value is not None]
 
 
+def _merge_opts(config: CN, opts: Sequence[str]) -> None:
+    """Set ``KEY VALUE`` pairs (``--opts``) in a config under construction."""
+    if len(opts) % 2:
+        raise ConfigError(f"--opts needs KEY VALUE pairs; {opts[-1]!r} has no value")
+    for key, value in zip(opts[0::2], opts[1::2], strict=True):
+        _set_key(config, key, value, "--opts")
+
+
+def config_from_text(text: str, source: str, opts: Sequence[str] = ()) -> CN:
+    """The frozen config a checkpoint saved (a full YAML dump), with ``KEY VALUE`` overrides.
+
+    Keys that later versions removed (REMOVED_KEYS) are passed over, so older checkpoints keep working.
+    """
+    try:
+        content = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"{source}: its saved config is not valid YAML; give --cfg FILE") from None
+    if not isinstance(content, dict):
+        raise ConfigError(f"{source}: its saved config is not a mapping of keys; give --cfg FILE")
+    config = default_config()
+    for key, value in _flatten(content):
+        if key not in REMOVED_KEYS:
+            _set_key(config, key, value, source)
+    _merge_opts(config, opts)
+    _check_consistency(config)
+    config.freeze()
+    return config
+
+
+def _flatten(tree: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) for every leaf of a nested mapping."""
+    leaves = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            leaves += _flatten(value, f"{prefix}{key}.")
+        else:
+            leaves.append((f"{prefix}{key}", value))
+    return leaves
+
+
 def update_config(config: CN, args: argparse.Namespace) -> CN:
     """Return a frozen copy of ``config`` with ``args.cfg``, ``args.opts`` and the shortcut flags applied.
 
@@ -337,11 +385,7 @@ def update_config(config: CN, args: argparse.Namespace) -> CN:
     config.defrost()
     if args.cfg:
         _merge_file(config, args.cfg)
-    opts = list(args.opts or [])
-    if len(opts) % 2:
-        raise ConfigError(f"--opts needs KEY VALUE pairs; {opts[-1]!r} has no value")
-    for key, value in zip(opts[0::2], opts[1::2], strict=True):
-        _set_key(config, key, value, "--opts")
+    _merge_opts(config, args.opts or [])
     for flag, key, value in _shortcut_values(args):
         _set_key(config, key, value, flag)
     _check_consistency(config)

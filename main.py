@@ -156,7 +156,7 @@ def train(config: CfgNode, env: DistEnv, logger: logging.Logger) -> int:
             is_best = val_stats["acc1"] > best_acc1
             best_acc1 = max(best_acc1, val_stats["acc1"])
             logger.info(f"epoch {epoch}: Acc@1 {val_stats['acc1']:.3f}, best {best_acc1:.3f}")
-            save_epoch(state, config, env, epoch, best_acc1, is_best, logger)
+            save_epoch(state, config, env, epoch, best_acc1, is_best, loaders.dataset_train.classes, logger)
             metrics_log.write(row)
     finally:
         metrics_log.close()

@@ -70,7 +70,7 @@ def saved_run(config: CfgNode, fp16: bool = False) -> dict:
     """A checkpoint after one epoch of updates, read back from disk as a resumed run reads it."""
     state = make_state(config, fp16=fp16)
     train_steps(state, UPDATES_PER_EPOCH)
-    return build_checkpoint(state, config, CPU, epoch=0, best_acc1=12.5)
+    return build_checkpoint(state, config, CPU, epoch=0, best_acc1=12.5, classes=["a", "b", "c"])
 
 
 def rates(state: TrainState) -> list[tuple[float, float]]:
