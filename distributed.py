@@ -1,13 +1,14 @@
-"""Process-group set-up and the collectives a run needs: one plain process, or many under torchrun.
+"""Process-group set-up and the collectives a run needs: one plain process, or many under torchrun or srun.
 
 NCCL carries the collectives between CUDA devices and gloo between CPU processes. Every helper here is a
 no-op (or the identity) for a single process, so callers need no rank checks.
 """
 
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -15,6 +16,9 @@ import torch.distributed as dist
 from utils import RunError
 
 DEVICES = ("auto", "cpu", "cuda")
+# Port of the rendezvous of tasks that srun started directly, offset by the job id so that jobs sharing
+# a node do not collide; MASTER_PORT overrides it.
+SLURM_PORT_BASE = 15000
 
 T = TypeVar("T")
 
@@ -38,27 +42,66 @@ class DistEnv:
 
 
 def resolve_device(choice: str, local_rank: int) -> torch.device:
-    """Map DEVICE ('auto', 'cpu' or 'cuda') to this process's device; 'auto' prefers CUDA when present."""
+    """Map DEVICE ('auto', 'cpu' or 'cuda') to this process's device; 'auto' prefers CUDA when present.
+
+    Where the launcher shows each process only its own GPUs (srun --gpus-per-task), the local rank is
+    taken modulo the visible devices.
+    """
     if choice not in DEVICES:
         raise RunError(f"Invalid DEVICE {choice!r}. Only {', '.join(DEVICES)} are supported.")
     if choice == "cuda" and not torch.cuda.is_available():
         raise RunError("DEVICE is 'cuda' but no CUDA device is visible; use DEVICE auto or cpu.")
     if choice == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
-    return torch.device("cuda", local_rank)
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: "gpu[07-09,12],cpu01" -> "gpu07" (zero padding kept)."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if match is None:
+        raise RunError(f"cannot read the SLURM node list {nodelist!r}; set MASTER_ADDR to the first node's address")
+    prefix, ranges = match.groups()
+    return prefix + (re.split(r"[-,]", ranges)[0] if ranges else "")
+
+
+class Launch(NamedTuple):
+    """How this process joins its run: its ranks and the rendezvous address for init_process_group."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    init_method: str
+
+
+def launch_variables(env: Mapping[str, str]) -> Launch | None:
+    """How a process started by torchrun, or by srun without torchrun, joins its run; None for a plain process.
+
+    torchrun's variables win (srun + torchrun sets both). For tasks that srun started directly, SLURM's
+    variables give the ranks, and the rendezvous is MASTER_ADDR:MASTER_PORT when set, else the job's first
+    node at SLURM_PORT_BASE + job id % 20000.
+    """
+    if "RANK" in env:
+        return Launch(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "env://")
+    if int(env.get("SLURM_NTASKS", "1")) <= 1 or "SLURM_PROCID" not in env:
+        return None
+    address = env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "")))
+    port = env.get("MASTER_PORT") or str(SLURM_PORT_BASE + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+    return Launch(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
+                  f"tcp://{address}:{port}")
 
 
 def init_distributed(device_choice: str) -> DistEnv:
-    """Join the process group when launched by torchrun (RANK set), else run as a plain single process."""
-    if "RANK" not in os.environ:
+    """Join the process group when launched by torchrun or srun, else run as a plain single process."""
+    launch = launch_variables(os.environ)
+    if launch is None:
         return DistEnv(rank=0, world_size=1, local_rank=0, device=resolve_device(device_choice, 0))
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = resolve_device(device_choice, local_rank)
+    device = resolve_device(device_choice, launch.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
-    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method=launch.init_method,
+                            rank=launch.rank, world_size=launch.world_size)
+    return DistEnv(rank=launch.rank, world_size=launch.world_size, local_rank=launch.local_rank, device=device)
 
 
 def destroy_distributed() -> None:

@@ -1,0 +1,115 @@
+"""Launching on clusters: two torchrun launchers as two nodes, and tasks that srun starts without torchrun."""
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import IO
+
+import pytest
+from run_helpers import REPO, launch, run_dir, write_config, write_image_folder
+
+from checkpoint import load_checkpoint_file
+from distributed import SLURM_PORT_BASE, first_host, launch_variables
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def summary(output: str) -> str:
+    return re.findall(r" \* Acc@1 [\d.]+ Acc@5 [\d.]+", output)[-1]
+
+
+@pytest.mark.parametrize(("nodelist", "first"), [
+    ("node07", "node07"), ("gpu[007-009,012],cpu01", "gpu007"), ("a-b[3]", "a-b3"), ("n1,n2", "n1"),
+])
+def test_first_host_of_a_slurm_node_list(nodelist: str, first: str) -> None:
+    assert first_host(nodelist) == first
+
+
+def test_launch_variables_prefer_torchrun_then_srun() -> None:
+    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[04-05]",
+             "SLURM_JOB_ID": "123"}
+    assert launch_variables({**slurm, "RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "0"}) == (2, 4, 0, "env://")
+    assert launch_variables({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) is None  # one task: a plain process
+    assert launch_variables({}) is None
+    assert launch_variables(slurm) == (5, 8, 1, f"tcp://gpu04:{SLURM_PORT_BASE + 123}")
+    assert launch_variables({**slurm, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "2222"}).init_method == (
+        "tcp://10.0.0.1:2222")
+
+
+@pytest.fixture(scope="module")
+def cluster_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("cluster")
+    images = write_image_folder(root / "images", classes=3, train_per_class=8, val_per_class=5)
+    return write_config(root / "config.yaml", images, root / "out", {"TRAIN": {"EPOCHS": 1}}), root
+
+
+def start(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, IO[str], IO[str]]:
+    """A process with its output going to temporary files: pipes that nobody drains while the other process of
+    the pair is waited for would fill and stall both."""
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    process = subprocess.Popen([sys.executable, *args], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+                               stdout=out, stderr=err, text=True)
+    return process, out, err
+
+
+def finish(started: list[tuple[subprocess.Popen, IO[str], IO[str]]]) -> list[tuple[int, str, str]]:
+    """(exit status, stdout, stderr) of each process once all have ended."""
+    codes = [process.wait(timeout=300) for process, _, _ in started]
+    results = []
+    for code, (_, out, err) in zip(codes, started, strict=True):
+        out.seek(0)
+        err.seek(0)
+        results.append((code, out.read(), err.read()))
+    return results
+
+
+@pytest.mark.slow
+def test_two_launchers_as_two_nodes_train_and_evaluate_like_one_process(cluster_run: tuple[Path, Path]) -> None:
+    """torchrun --nnodes 2 with a c10d rendezvous, each "node" with its own output folder (node-local disks):
+    only global rank 0 writes checkpoints, and the 2-node evaluation equals a single-process one."""
+    config, root = cluster_run
+    endpoint = f"127.0.0.1:{free_port()}"
+
+    def node(output: Path, *args: str) -> tuple[subprocess.Popen, IO[str], IO[str]]:
+        return start(["-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend",
+                      "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", output.parent.name, "main.py", "--cfg",
+                      str(config), "--output", str(output), *args], {})
+
+    outputs = [root / "nodes" / "a", root / "nodes" / "b"]
+    results = finish([node(output) for output in outputs])
+    assert all(code == 0 for code, _, _ in results), results
+    writers = [output for output in outputs if list(run_dir(output).glob("*.pth"))]
+    assert len(writers) == 1  # one node holds global rank 0
+    other = next(output for output in outputs if output not in writers)
+    assert (run_dir(other) / "log_rank1.txt").exists() and not (run_dir(other) / "config.yaml").exists()
+    checkpoint = run_dir(writers[0]) / "ckpt_epoch_0.pth"
+    assert load_checkpoint_file(checkpoint)["world_size"] == 2
+
+    endpoint = f"127.0.0.1:{free_port()}"
+    evaluations = finish([node(root / "eval" / "a", "--eval", "--resume", str(checkpoint)),
+                          node(root / "eval" / "b", "--eval", "--resume", str(checkpoint))])
+    single = launch(["--cfg", str(config), "--output", str(root / "single"), "--eval", "--resume", str(checkpoint)])
+    assert single.returncode == 0 and all(code == 0 for code, _, _ in evaluations), evaluations
+    printed = [out for _, out, _ in evaluations if " * Acc@1" in out]
+    assert len(printed) == 1 and summary(printed[0]) == summary(single.stdout)
+
+
+@pytest.mark.slow
+def test_tasks_started_by_srun_without_torchrun_form_one_run(cluster_run: tuple[Path, Path]) -> None:
+    config, root = cluster_run
+    slurm = {"SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": str(free_port() - SLURM_PORT_BASE)}
+    tasks = [start(["main.py", "--cfg", str(config), "--output", str(root / "srun")],
+                   {**slurm, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)}) for rank in (0, 1)]
+    results = finish(tasks)
+    assert all(code == 0 for code, _, _ in results), results
+    out = run_dir(root / "srun")
+    assert load_checkpoint_file(out / "ckpt_epoch_0.pth")["world_size"] == 2
+    assert "rank 1 of 2" in (out / "log_rank1.txt").read_text()
