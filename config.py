@@ -106,6 +106,7 @@ def default_config() -> CN:
     c.TRAIN.LR_SCALING = "linear"  # "linear": scale the three LRs by total batch / LR_REFERENCE_BATCH; "none"
     c.TRAIN.LR_REFERENCE_BATCH = 512  # total batch (batch x processes x accumulation) the LRs are stated for
     c.TRAIN.SYNC_BN = False  # synchronise BatchNorm statistics across processes
+    c.TRAIN.TF32 = True  # TensorFloat-32 for float32 matmuls and convolutions on GPUs that have it
     c.TRAIN.KEEP_CHECKPOINTS = 0  # how many epoch checkpoints to keep (oldest deleted first); 0 keeps all
 
     c.TRAIN.LR_SCHEDULER = CN()

@@ -145,6 +145,17 @@ def on_rank0(fn: Callable[[], T], env: DistEnv) -> T:
     return result
 
 
+def configure_backends(deterministic: bool, tf32: bool) -> None:
+    """Process-wide kernel choices: cuDNN autotuning unless deterministic, and TensorFloat-32 for float32
+    matmuls and convolutions on GPUs that have it (10 mantissa bits, as good as float32 for training here)."""
+    torch.backends.cudnn.benchmark = not deterministic
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    precision = "tf32" if tf32 else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = precision
+    torch.backends.cudnn.conv.fp32_precision = precision
+
+
 def set_cpu_threads(data_workers: int, env: DistEnv) -> int | None:
     """On the CPU, leave a core to each data worker unless OMP_NUM_THREADS says otherwise; returns the thread
     count set, or None when it was left alone.

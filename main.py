@@ -27,7 +27,14 @@ from checkpoint import (
 )
 from config import dump_config, parse_option
 from data import build_loader
-from distributed import DistEnv, destroy_distributed, init_distributed, on_rank0, set_cpu_threads
+from distributed import (
+    DistEnv,
+    configure_backends,
+    destroy_distributed,
+    init_distributed,
+    on_rank0,
+    set_cpu_threads,
+)
 from engine import (
     StepSettings,
     TrainState,
@@ -107,8 +114,10 @@ def train(config: CfgNode, env: DistEnv, logger: logging.Logger) -> int:
     forward_model = model
     if env.distributed:
         # Buffers stay per rank during the epoch and are averaged at its end (average_bn_statistics).
+        # Gradients as views into the all-reduce buckets: no copy in and out of them per update.
         forward_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[env.local_rank] if env.device.type == "cuda" else None, forward_sync_buffers=False)
+            model, device_ids=[env.device.index] if env.device.type == "cuda" else None, forward_sync_buffers=False,
+            gradient_as_bucket_view=True)
     if config.COMPILE:
         forward_model = compile_model(forward_model, inference_only=False)
     updates_per_epoch = math.ceil(len(loaders.loader_train) / settings.accumulation_steps)
@@ -175,9 +184,7 @@ def run(config: CfgNode, env: DistEnv, logger: logging.Logger) -> int:
     if threads is not None:
         logger.info(f"CPU compute threads: {threads} (set OMP_NUM_THREADS to choose)")
     seed_everything(config.SEED + env.rank)
-    torch.backends.cudnn.benchmark = not config.DETERMINISTIC
-    if config.DETERMINISTIC:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    configure_backends(config.DETERMINISTIC, config.TRAIN.TF32)
     if config.EVAL_MODE or config.THROUGHPUT_MODE:
         return evaluate_only(config, env, logger)
     return train(config, env, logger)

@@ -44,7 +44,9 @@ def build_optimizer(config: CfgNode, model: nn.Module, lr: float) -> torch.optim
     opt = config.TRAIN.OPTIMIZER
     name = opt.NAME.lower()
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, eps=opt.EPS, betas=tuple(opt.BETAS))
+        # The fused CUDA kernel updates every parameter in one launch; it exists for CUDA tensors only.
+        fused = all(p.is_cuda for group in groups for p in group["params"]) or None
+        return torch.optim.AdamW(groups, lr=lr, eps=opt.EPS, betas=tuple(opt.BETAS), fused=fused)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=opt.MOMENTUM, nesterov=True)
     raise ValueError(f"Invalid TRAIN.OPTIMIZER.NAME {opt.NAME!r}. Only {', '.join(OPTIMIZERS)} are supported.")

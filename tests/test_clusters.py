@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import IO
 
 import pytest
+import torch
 from run_helpers import REPO, launch, run_dir, write_config, write_image_folder
 
 from checkpoint import load_checkpoint_file
@@ -113,3 +114,16 @@ def test_tasks_started_by_srun_without_torchrun_form_one_run(cluster_run: tuple[
     out = run_dir(root / "srun")
     assert load_checkpoint_file(out / "ckpt_epoch_0.pth")["world_size"] == 2
     assert "rank 1 of 2" in (out / "log_rank1.txt").read_text()
+
+
+def test_tf32_and_autotuning_follow_the_config() -> None:
+    from distributed import configure_backends
+
+    try:
+        configure_backends(deterministic=False, tf32=True)
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32" and torch.backends.cudnn.benchmark
+        configure_backends(deterministic=False, tf32=False)
+        assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "none"
+        torch.backends.cudnn.benchmark = False

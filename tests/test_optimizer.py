@@ -47,3 +47,10 @@ def test_adamw_and_nesterov_sgd(model: StripMLPNet) -> None:
 def test_unknown_optimizer_lists_valid_ones(model: StripMLPNet) -> None:
     with pytest.raises(ValueError, match="Only adamw, sgd are supported"):
         build_optimizer(config_with("TRAIN.OPTIMIZER.NAME", "lamb"), model, 0.1)
+
+
+def test_adamw_is_fused_exactly_when_the_parameters_are_on_cuda(model: StripMLPNet) -> None:
+    assert build_optimizer(config_with(), model, 1e-3).defaults["fused"] is None  # CPU: the default kernels
+    if torch.cuda.is_available():
+        cuda_model = StripMLPNet(img_size=32, num_classes=10, embed_dim=8, layers=(1, 1, 1, 1)).cuda()
+        assert build_optimizer(config_with(), cuda_model, 1e-3).defaults["fused"] is True
