@@ -215,25 +215,76 @@ def _optimizer_update(state: TrainState, settings: StepSettings, where: str) -> 
     return grad_norm if math.isfinite(grad_norm) else None
 
 
-def _agree(bad_loss: float, unreadable: int, settings: StepSettings) -> tuple[list[float], int]:
-    """Every rank's first non-finite loss of the accumulation group (0.0 where all were finite), and the
-    unreadable images of the group summed over ranks: one small all-reduce per update, before the backward
-    pass that all-reduces the gradients, so that all ranks stop there together instead of waiting for a
-    failed one."""
-    env = settings.env
-    health = torch.zeros(env.world_size + 1, dtype=torch.float64, device=env.device)
-    health[env.rank] = bad_loss
-    health[-1] = unreadable
-    *losses, total = all_reduce_sum(health, env).tolist()
-    return losses, int(total)
+class _EpochTally:
+    """What one rank counts during a training epoch, and the per-update agreement between ranks.
 
+    Losses stay on the device until logging or the update's agreement needs them, so a micro-step without
+    an update costs no host synchronisation.
+    """
 
-def _check_losses(losses: list[float], where: str) -> None:
-    bad = [rank for rank, value in enumerate(losses) if not math.isfinite(value)]
-    if bad:
-        raise NonFiniteLossError(
-            f"loss is {losses[bad[0]]} at {where} on rank {', '.join(map(str, bad))}; training stopped, checkpoints "
-            "already written are intact; lower TRAIN.BASE_LR, set TRAIN.CLIP_GRAD, or use AMP.DTYPE bfloat16")
+    def __init__(self, device: torch.device) -> None:
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.samples = 0
+        self.group_bad_loss = torch.zeros((), dtype=torch.float64, device=device)  # first non-finite loss, or 0
+        self.group_unreadable: list[str] = []
+        self.unreadable = 0
+        self.grad_norm_sum = 0.0
+        self.finite_updates = self.skipped_updates = 0
+
+    def add_micro_step(self, loss: torch.Tensor, batch_size: int, unreadable: list[str]) -> None:
+        loss = loss.detach().double()
+        self.loss_sum += loss * batch_size
+        self.samples += batch_size
+        first_bad = torch.isfinite(loss) | (self.group_bad_loss != 0)
+        self.group_bad_loss = torch.where(first_bad, self.group_bad_loss, loss)
+        self.group_unreadable += unreadable
+
+    def agree(self, settings: StepSettings, policy: "UnreadableImages", epoch_images: int, where: str,
+              epoch: int) -> None:
+        """Before the backward pass of an update (the one that all-reduces gradients): one small all-reduce of
+        every rank's first non-finite loss of the group and of the group's unreadable images, so that all
+        ranks stop together, with the same message, instead of waiting for a failed one.
+
+        Raises:
+            NonFiniteLossError: a loss of the group was NaN or infinite on some rank.
+            DataError: unreadable images that DATA.BAD_IMAGE or the 1% limit do not allow.
+        """
+        env = settings.env
+        health = torch.zeros(env.world_size + 1, dtype=torch.float64, device=env.device)
+        health[env.rank] = self.group_bad_loss
+        health[-1] = len(self.group_unreadable)
+        *losses, unreadable = all_reduce_sum(health, env).tolist()
+        bad = [rank for rank, value in enumerate(losses) if not math.isfinite(value)]
+        if bad:
+            raise NonFiniteLossError(
+                f"loss is {losses[bad[0]]} at {where} on rank {', '.join(map(str, bad))}; training stopped, "
+                "checkpoints already written are intact; lower TRAIN.BASE_LR, set TRAIN.CLIP_GRAD, or use "
+                "AMP.DTYPE bfloat16")
+        policy.check(self.group_unreadable, int(unreadable), where)
+        self.unreadable += int(unreadable)
+        policy.check_fraction(self.unreadable, epoch_images, f"epoch {epoch}")
+        self.group_unreadable = []
+
+    def add_update(self, grad_norm: float | None) -> None:
+        if grad_norm is None:
+            self.skipped_updates += 1
+        else:
+            self.grad_norm_sum += grad_norm
+            self.finite_updates += 1
+
+    def mean_loss(self) -> float:
+        return self.loss_sum.item() / max(self.samples, 1)
+
+    def summary(self, env: DistEnv) -> dict[str, float | int | None]:
+        """Exact means over all ranks (sums of losses and samples); gradient norms, skipped updates and
+        unreadable images are the same on every rank (they follow all-reduced values)."""
+        totals = all_reduce_sum(torch.stack([self.loss_sum, self.loss_sum.new_tensor(self.samples)]), env).tolist()
+        return {
+            "train_loss": totals[0] / max(totals[1], 1),
+            "grad_norm": self.grad_norm_sum / self.finite_updates if self.finite_updates else None,
+            "skipped_updates": self.skipped_updates,
+            "unreadable_images": self.unreadable,
+        }
 
 
 def train_one_epoch(
@@ -246,7 +297,7 @@ def train_one_epoch(
         unreadable: UnreadableImages | None = None,
 ) -> dict[str, float | None]:
     """Train for one pass over ``loader``; returns mean loss, mean gradient norm (None if every update was
-    skipped), skipped updates, last lr, time.
+    skipped), skipped updates, unreadable images, last lr, time.
 
     Micro-batches are grouped into optimiser updates of ``accumulation_steps``; the last group of an
     epoch may be shorter and still makes an update. Each micro-batch's loss is divided by the size of its
@@ -265,15 +316,11 @@ def train_one_epoch(
     state.optimizer.zero_grad(set_to_none=True)
     num_steps = len(loader)
     accumulation = settings.accumulation_steps
-    loss_sum = samples = grad_norm_sum = 0.0
-    finite_updates = skipped_updates = unreadable_seen = 0
+    tally = _EpochTally(device)
     grad_norm = math.nan
-    group_bad_loss = 0.0
-    group_unreadable: list[str] = []
     progress = ProgressLine(settings.env.is_main)
     start = time.time()
     for step, batch in enumerate(loader):
-        group_unreadable += unreadable.note(batch.bad, logger)
         images, targets = _to_device(batch.image, batch.target, settings)
         if mixup_fn is not None:
             images, targets = mixup_fn(images, targets)
@@ -284,19 +331,10 @@ def train_one_epoch(
         with _no_sync(state.model, not is_update):
             with torch.autocast(device.type, dtype=settings.amp_dtype, enabled=settings.amp_enabled):
                 loss = state.criterion(state.model(images), targets)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value) and group_bad_loss == 0.0:
-                group_bad_loss = loss_value
+            tally.add_micro_step(loss, images.shape[0], unreadable.note(batch.bad, logger))
             if is_update:
-                losses, group_count = _agree(group_bad_loss, len(group_unreadable), settings)
-                _check_losses(losses, where)
-                unreadable.check(group_unreadable, group_count, where)
-                unreadable_seen += group_count
-                unreadable.check_fraction(unreadable_seen, num_steps * images.shape[0] * settings.env.world_size,
-                                          f"epoch {epoch}")
-                group_unreadable = []
-            if group_bad_loss == 0.0:  # a bad micro-step stops the run at its update; its gradient is not needed
-                state.scaler.scale(loss / group_size).backward()
+                tally.agree(settings, unreadable, num_steps * images.shape[0] * settings.env.world_size, where, epoch)
+            state.scaler.scale(loss / group_size).backward()
 
         lr = state.optimizer.param_groups[0]["lr"]  # the rate this update uses, before the schedule moves on
         if is_update:
@@ -305,44 +343,28 @@ def train_one_epoch(
             state.scheduler.step_update(state.global_step)
             if state.ema is not None:
                 state.ema.update(unwrap_model(state.model), step=state.global_step)
-            if update_norm is None:
-                skipped_updates += 1
-                grad_norm = math.inf
-            else:
-                grad_norm = update_norm
-                grad_norm_sum += grad_norm
-                finite_updates += 1
+            tally.add_update(update_norm)
+            grad_norm = math.inf if update_norm is None else update_norm
 
-        loss_sum += loss_value * images.shape[0]
-        samples += images.shape[0]
-        elapsed = time.time() - start
-        step_time = elapsed / (step + 1)
-        eta = datetime.timedelta(seconds=int(step_time * (num_steps - step - 1)))
-        line = (f"Train: [{epoch}/{settings.epochs}][{step}/{num_steps}]  eta {eta}  lr {lr:.6f}  "
-                f"time {elapsed:.1f}s ({step_time:.4f}s/step)  loss {loss_value:.4f} ({loss_sum / samples:.4f})  "
-                f"grad_norm {grad_norm:.4f}  mem {peak_memory_mb(device):.0f}MB")
-        progress.update(line)
-        if step % settings.print_freq == 0 or step == num_steps - 1:
-            progress.clear()
-            logger.info(line)
+        if step % settings.print_freq == 0 or step == num_steps - 1 or progress.enabled:
+            elapsed = time.time() - start
+            step_time = elapsed / (step + 1)
+            eta = datetime.timedelta(seconds=int(step_time * (num_steps - step - 1)))
+            line = (f"Train: [{epoch}/{settings.epochs}][{step}/{num_steps}]  eta {eta}  lr {lr:.6f}  "
+                    f"time {elapsed:.1f}s ({step_time:.4f}s/step)  loss {loss.item():.4f} ({tally.mean_loss():.4f})  "
+                    f"grad_norm {grad_norm:.4f}  mem {peak_memory_mb(device):.0f}MB")
+            progress.update(line)
+            if step % settings.print_freq == 0 or step == num_steps - 1:
+                progress.clear()
+                logger.info(line)
 
     progress.clear()
-    # Exact means over all ranks: sums of losses and samples. Gradient norms and skips are the same on every
-    # rank (they follow the all-reduced gradient).
-    totals = all_reduce_sum(torch.tensor([loss_sum, samples], dtype=torch.float64, device=device),
-                            settings.env).tolist()
+    stats = tally.summary(settings.env)
     epoch_time = time.time() - start
-    skipped = f", {skipped_updates} updates skipped by the float16 gradient scaler" if skipped_updates else ""
-    passed_over = f", {unreadable_seen} unreadable images replaced" if unreadable_seen else ""
+    skipped = f", {stats['skipped_updates']} updates skipped by the float16 scaler" if stats["skipped_updates"] else ""
+    passed_over = f", {stats['unreadable_images']} unreadable images replaced" if stats["unreadable_images"] else ""
     logger.info(f"EPOCH {epoch} training takes {datetime.timedelta(seconds=int(epoch_time))}{skipped}{passed_over}")
-    return {
-        "train_loss": totals[0] / max(totals[1], 1),
-        "grad_norm": grad_norm_sum / finite_updates if finite_updates else None,
-        "skipped_updates": skipped_updates,
-        "unreadable_images": unreadable_seen,
-        "lr": state.optimizer.param_groups[0]["lr"],
-        "epoch_time": epoch_time,
-    }
+    return {**stats, "lr": state.optimizer.param_groups[0]["lr"], "epoch_time": epoch_time}
 
 
 @torch.no_grad()
