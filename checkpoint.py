@@ -205,9 +205,12 @@ def prune_checkpoints(output_dir: Path, keep: int) -> list[Path]:
 
 
 def build_checkpoint(state: TrainState, config: CfgNode, env: DistEnv, epoch: int, best_acc1: float,
-                     classes: list[str]) -> dict[str, Any]:
+                     classes: list[str], step: int = 0) -> dict[str, Any]:
     """Everything needed to continue exactly, as tensors and plain containers (weights_only-loadable), and the
     dataset's class names, which the tools show.
+
+    ``epoch`` is the last finished epoch (-1 for none) and ``step`` the micro-steps already done of the next
+    one (a checkpoint written inside an epoch; 0 at an epoch's end).
 
     The release's keys (``model``, ``optimizer``, ``lr_scheduler``, ``max_accuracy``, ``epoch``, ``config``)
     are kept, so the release's own code can read these files too.
@@ -219,6 +222,7 @@ def build_checkpoint(state: TrainState, config: CfgNode, env: DistEnv, epoch: in
         "scaler": state.scaler.state_dict(),
         "model_ema": state.ema.module.state_dict() if state.ema is not None else None,
         "epoch": epoch,
+        "step": step,
         "global_step": state.global_step,
         "max_accuracy": best_acc1,
         "rng": rng_state(),
@@ -248,6 +252,17 @@ def save_epoch(state: TrainState, config: CfgNode, env: DistEnv, epoch: int, bes
     save_checkpoint(checkpoint, output_dir / LATEST_NAME)
     for path in prune_checkpoints(output_dir, config.TRAIN.KEEP_CHECKPOINTS):
         logger.info(f"removed {path.name} (TRAIN.KEEP_CHECKPOINTS {config.TRAIN.KEEP_CHECKPOINTS})")
+
+
+def save_position(state: TrainState, config: CfgNode, env: DistEnv, epoch: int, step: int, best_acc1: float,
+                  classes: list[str], logger: logging.Logger) -> None:
+    """Rank 0 writes ``latest.pth`` inside epoch ``epoch``, after its first ``step`` micro-steps (at an update's
+    end), so that a resumed run continues with the next sample."""
+    if not env.is_main:
+        return
+    save_checkpoint(build_checkpoint(state, config, env, epoch - 1, best_acc1, classes, step),
+                    Path(config.OUTPUT) / LATEST_NAME)
+    logger.info(f"saved {LATEST_NAME} at epoch {epoch} step {step} (update {state.global_step})")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -341,9 +356,17 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, checkpoint: Mapping[str,
     optimizer.load_state_dict(state_dict)
 
 
+class ResumePoint(NamedTuple):
+    """Where a restored run continues: the epoch, the micro-step inside it, and the best accuracy so far."""
+
+    epoch: int
+    step: int
+    best_acc1: float
+
+
 def restore_training(state: TrainState, checkpoint: Mapping[str, Any], source: str, config: CfgNode, env: DistEnv,
-                     updates_per_epoch: int, logger: logging.Logger) -> tuple[int, float]:
-    """Load a saved run into ``state``; returns (first epoch to run, best accuracy so far).
+                     updates_per_epoch: int, logger: logging.Logger) -> ResumePoint:
+    """Load a saved run into ``state``; returns where it continues.
 
     The config is the truth for the schedule: the optimiser keeps this run's hyperparameters and the
     schedule is this config's, evaluated at the saved update count, so the learning rate and weight decay of
@@ -376,8 +399,11 @@ def restore_training(state: TrainState, checkpoint: Mapping[str, Any], source: s
         logger.warning(f"{source} was written by {saved_world} processes, this run has {env.world_size}: "
                        "training continues but will not replay the original run exactly")
     best_acc1 = float(checkpoint.get("max_accuracy", 0.0))
-    logger.info(f"resumed from {source}: epoch {epoch}, update {state.global_step}, best Acc@1 {best_acc1:.3f}")
-    return epoch + 1, best_acc1
+    step = int(checkpoint.get("step", 0))
+    inside = f", {step} steps into epoch {epoch + 1}" if step else ""
+    logger.info(f"resumed from {source}: epoch {epoch}{inside}, update {state.global_step}, "
+                f"best Acc@1 {best_acc1:.3f}")
+    return ResumePoint(epoch + 1, step, best_acc1)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -108,6 +108,7 @@ def default_config() -> CN:
     c.TRAIN.SYNC_BN = False  # synchronise BatchNorm statistics across processes
     c.TRAIN.TF32 = True  # TensorFloat-32 for float32 matmuls and convolutions on GPUs that have it
     c.TRAIN.KEEP_CHECKPOINTS = 0  # how many epoch checkpoints to keep (oldest deleted first); 0 keeps all
+    c.TRAIN.SAVE_STEPS = 0  # also write latest.pth every this many updates inside an epoch; 0: at epoch ends only
 
     c.TRAIN.LR_SCHEDULER = CN()
     c.TRAIN.LR_SCHEDULER.NAME = "cosine"  # one of CHOICES["TRAIN.LR_SCHEDULER.NAME"]
@@ -297,6 +298,7 @@ def _check_consistency(config: CN) -> None:
         "DATA.NUM_WORKERS": config.DATA.NUM_WORKERS,
         "TRAIN.ACCUMULATION_STEPS": config.TRAIN.ACCUMULATION_STEPS,
         "TRAIN.KEEP_CHECKPOINTS": config.TRAIN.KEEP_CHECKPOINTS,
+        "TRAIN.SAVE_STEPS": config.TRAIN.SAVE_STEPS,
         "TRAIN.WARMUP_EPOCHS": config.TRAIN.WARMUP_EPOCHS,
     }
     for key, value in non_negative.items():

@@ -4,8 +4,12 @@ NCCL carries the collectives between CUDA devices and gloo between CPU processes
 no-op (or the identity) for a single process, so callers need no rank checks.
 """
 
+import logging
 import os
 import re
+import shutil
+import signal
+import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
@@ -16,6 +20,11 @@ import torch.distributed as dist
 from utils import RunError
 
 DEVICES = ("auto", "cpu", "cuda")
+# The signals a cluster sends before it stops a job (SLURM: --signal=USR1@<seconds>, and TERM at preemption),
+# and the exit status of a run that stopped for one after saving where it was (sysexits' EX_TEMPFAIL).
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+EXIT_PREEMPTED = 75
+
 # Port of the rendezvous of tasks that srun started directly, offset by the job id so that jobs sharing
 # a node do not collide; MASTER_PORT overrides it.
 SLURM_PORT_BASE = 15000
@@ -168,3 +177,47 @@ def set_cpu_threads(data_workers: int, env: DistEnv) -> int | None:
     threads = max(1, len(os.sched_getaffinity(0)) - data_workers)
     torch.set_num_threads(threads)
     return threads
+
+
+def any_rank(flag: bool, env: DistEnv) -> bool:
+    """Whether ``flag`` is set on any rank (the same answer on every rank)."""
+    return bool(all_reduce_sum(torch.tensor([float(flag)], device=env.device), env).item())
+
+
+class PreemptionSignal:
+    """Within ``with``: SIGTERM and SIGUSR1 are recorded instead of ending the process, so the run can finish
+    its update and save where it is; a second signal while it saves changes nothing."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _record(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def __enter__(self) -> "PreemptionSignal":
+        self._previous = {s: signal.signal(s, self._record) for s in PREEMPTION_SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def requeue_slurm_job(logger: logging.Logger) -> None:
+    """Under SLURM, put the job back in the queue when it was submitted with requeueing allowed."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job is None:
+        return
+    if shutil.which("scontrol") is None:
+        logger.warning(f"SLURM job {job}: scontrol is not on PATH, so the job is not requeued; resubmit it")
+        return
+    shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True)
+    if "Requeue=1" not in shown.stdout:
+        logger.info(f"SLURM job {job} does not allow requeueing (sbatch --requeue); resubmit it to continue")
+        return
+    requeued = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if requeued.returncode == 0:
+        logger.info(f"SLURM job {job} requeued; it resumes from the checkpoint just written")
+    else:
+        logger.warning(f"scontrol requeue {job} failed ({requeued.stderr.strip()}); resubmit the job")

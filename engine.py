@@ -27,7 +27,7 @@ from yacs.config import CfgNode
 from data import DataError, Sample
 from distributed import DistEnv, all_reduce_sum
 from logger import ProgressLine
-from utils import RunError, unwrap_model
+from utils import RunError, position_seed, seed_everything, unwrap_model
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -49,6 +49,7 @@ class StepSettings:
     clip_grad: float
     print_freq: int
     epochs: int
+    seed: int = 0
 
     @classmethod
     def from_config(cls, config: CfgNode, env: DistEnv) -> "StepSettings":
@@ -61,6 +62,7 @@ class StepSettings:
             clip_grad=config.TRAIN.CLIP_GRAD,
             print_freq=config.PRINT_FREQ,
             epochs=config.TRAIN.EPOCHS,
+            seed=config.SEED,
         )
 
 
@@ -215,6 +217,22 @@ def _optimizer_update(state: TrainState, settings: StepSettings, where: str) -> 
     return grad_norm if math.isfinite(grad_norm) else None
 
 
+@dataclass(frozen=True)
+class Interruptions:
+    """How an epoch may pause before its end: when any rank was asked to stop (a preemption signal), every
+    rank finishes its update and the epoch ends there; and a checkpoint every ``save_every`` updates.
+
+    Attributes:
+        stop_requested: whether this rank was asked to stop.
+        save: writes the mid-epoch checkpoint (on rank 0) after the given number of the epoch's micro-steps.
+        save_every: updates between checkpoints; 0 writes none (a stop always writes one).
+    """
+
+    stop_requested: Callable[[], bool]
+    save: Callable[[int], None]
+    save_every: int = 0
+
+
 class _EpochTally:
     """What one rank counts during a training epoch, and the per-update agreement between ranks.
 
@@ -239,21 +257,25 @@ class _EpochTally:
         self.group_bad_loss = torch.where(first_bad, self.group_bad_loss, loss)
         self.group_unreadable += unreadable
 
-    def agree(self, settings: StepSettings, policy: "UnreadableImages", epoch_images: int, where: str,
-              epoch: int) -> None:
+    def agree(self, settings: StepSettings, policy: "UnreadableImages", stop_requested: bool, epoch_images: int,
+              where: str, epoch: int) -> bool:
         """Before the backward pass of an update (the one that all-reduces gradients): one small all-reduce of
-        every rank's first non-finite loss of the group and of the group's unreadable images, so that all
-        ranks stop together, with the same message, instead of waiting for a failed one.
+        every rank's first non-finite loss of the group, of the group's unreadable images and of stop
+        requests, so that all ranks stop together, with the same message, instead of waiting for a failed one.
+
+        Returns:
+            Whether any rank was asked to stop (after this update).
 
         Raises:
             NonFiniteLossError: a loss of the group was NaN or infinite on some rank.
             DataError: unreadable images that DATA.BAD_IMAGE or the 1% limit do not allow.
         """
         env = settings.env
-        health = torch.zeros(env.world_size + 1, dtype=torch.float64, device=env.device)
+        health = torch.zeros(env.world_size + 2, dtype=torch.float64, device=env.device)
         health[env.rank] = self.group_bad_loss
-        health[-1] = len(self.group_unreadable)
-        *losses, unreadable = all_reduce_sum(health, env).tolist()
+        health[-2] = len(self.group_unreadable)
+        health[-1] = float(stop_requested)
+        *losses, unreadable, stops = all_reduce_sum(health, env).tolist()
         bad = [rank for rank, value in enumerate(losses) if not math.isfinite(value)]
         if bad:
             raise NonFiniteLossError(
@@ -264,6 +286,7 @@ class _EpochTally:
         self.unreadable += int(unreadable)
         policy.check_fraction(self.unreadable, epoch_images, f"epoch {epoch}")
         self.group_unreadable = []
+        return stops > 0
 
     def add_update(self, grad_norm: float | None) -> None:
         if grad_norm is None:
@@ -295,9 +318,16 @@ def train_one_epoch(
         logger: logging.Logger,
         mixup_fn: Callable | None = None,
         unreadable: UnreadableImages | None = None,
+        start_step: int = 0,
+        interruptions: Interruptions | None = None,
 ) -> dict[str, float | None]:
     """Train for one pass over ``loader``; returns mean loss, mean gradient norm (None if every update was
-    skipped), skipped updates, unreadable images, last lr, time.
+    skipped), skipped updates, unreadable images, last lr, time, and ``stopped_at``: the micro-steps done
+    when a stop request ended the epoch early, else None.
+
+    A resumed epoch starts at micro-step ``start_step``: ``loader`` then holds only the batches after it.
+    Every step re-seeds python, numpy and torch from (seed, rank, epoch, step), so mixup, drop path and
+    random erasing do not depend on where the run was started.
 
     Micro-batches are grouped into optimiser updates of ``accumulation_steps``; the last group of an
     epoch may be shorter and still makes an update. Each micro-batch's loss is divided by the size of its
@@ -311,16 +341,20 @@ def train_one_epoch(
         DataError: unreadable images under DATA.BAD_IMAGE error, or too many of them.
     """
     unreadable = unreadable or UnreadableImages()
-    device = settings.env.device
+    interruptions = interruptions or Interruptions(stop_requested=lambda: False, save=lambda steps: None)
+    env = settings.env
+    device = env.device
     state.model.train()
     state.optimizer.zero_grad(set_to_none=True)
-    num_steps = len(loader)
+    num_steps = start_step + len(loader)
     accumulation = settings.accumulation_steps
     tally = _EpochTally(device)
     grad_norm = math.nan
-    progress = ProgressLine(settings.env.is_main)
+    stop = False
+    progress = ProgressLine(env.is_main)
     start = time.time()
-    for step, batch in enumerate(loader):
+    for step, batch in enumerate(loader, start=start_step):
+        seed_everything(position_seed(settings.seed, env.rank, epoch, step))
         images, targets = _to_device(batch.image, batch.target, settings)
         if mixup_fn is not None:
             images, targets = mixup_fn(images, targets)
@@ -333,7 +367,8 @@ def train_one_epoch(
                 loss = state.criterion(state.model(images), targets)
             tally.add_micro_step(loss, images.shape[0], unreadable.note(batch.bad, logger))
             if is_update:
-                tally.agree(settings, unreadable, num_steps * images.shape[0] * settings.env.world_size, where, epoch)
+                stop = tally.agree(settings, unreadable, interruptions.stop_requested(),
+                                   num_steps * images.shape[0] * env.world_size, where, epoch)
             state.scaler.scale(loss / group_size).backward()
 
         lr = state.optimizer.param_groups[0]["lr"]  # the rate this update uses, before the schedule moves on
@@ -345,6 +380,9 @@ def train_one_epoch(
                 state.ema.update(unwrap_model(state.model), step=state.global_step)
             tally.add_update(update_norm)
             grad_norm = math.inf if update_norm is None else update_norm
+            saving_due = interruptions.save_every > 0 and state.global_step % interruptions.save_every == 0
+            if (stop or saving_due) and step + 1 < num_steps:
+                interruptions.save(step + 1)
 
         if step % settings.print_freq == 0 or step == num_steps - 1 or progress.enabled:
             elapsed = time.time() - start
@@ -357,9 +395,13 @@ def train_one_epoch(
             if step % settings.print_freq == 0 or step == num_steps - 1:
                 progress.clear()
                 logger.info(line)
+        if stop and step + 1 < num_steps:
+            logger.warning(f"stopping on request after {where}; every rank finished this update")
+            break
 
     progress.clear()
-    stats = tally.summary(settings.env)
+    stats = tally.summary(env)
+    stats["stopped_at"] = step + 1 if stop and step + 1 < num_steps else None
     epoch_time = time.time() - start
     skipped = f", {stats['skipped_updates']} updates skipped by the float16 scaler" if stats["skipped_updates"] else ""
     passed_over = f", {stats['unreadable_images']} unreadable images replaced" if stats["unreadable_images"] else ""

@@ -4,11 +4,13 @@ This file only wires the pieces together: config, process group, data, model, op
 checkpoints, and the epoch loop of ``engine.py``.
 """
 
+import functools
 import logging
 import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from timm.utils import ModelEmaV3
@@ -16,6 +18,7 @@ from torch import nn
 from yacs.config import CfgNode
 
 from checkpoint import (
+    ResumePoint,
     choose_resume,
     epoch_checkpoints,
     fit_state_dict,
@@ -24,18 +27,24 @@ from checkpoint import (
     restore_training,
     resumable_checkpoints,
     save_epoch,
+    save_position,
 )
 from config import dump_config, parse_option
-from data import build_loader
+from data import Loaders, build_loader
 from distributed import (
+    EXIT_PREEMPTED,
     DistEnv,
+    PreemptionSignal,
+    any_rank,
     configure_backends,
     destroy_distributed,
     init_distributed,
     on_rank0,
+    requeue_slurm_job,
     set_cpu_threads,
 )
 from engine import (
+    Interruptions,
     StepSettings,
     TrainState,
     UnreadableImages,
@@ -50,7 +59,7 @@ from logger import MetricsLog, close_logger, create_logger
 from lr_scheduler import build_scheduler, effective_learning_rates
 from models import build_model
 from optimizer import build_optimizer
-from utils import RunError, epoch_seed, seed_everything
+from utils import RunError, position_seed, seed_everything, unwrap_model
 
 
 def check_request(config: CfgNode, env: DistEnv) -> None:
@@ -102,7 +111,16 @@ def evaluate_only(config: CfgNode, env: DistEnv, logger: logging.Logger) -> int:
     return 0
 
 
-def train(config: CfgNode, env: DistEnv, logger: logging.Logger) -> int:
+class Training(NamedTuple):
+    """What a training run is made of, once built."""
+
+    loaders: Loaders
+    settings: StepSettings
+    state: TrainState
+    updates_per_epoch: int
+
+
+def build_training(config: CfgNode, env: DistEnv, logger: logging.Logger) -> Training:
     loaders = build_loader(config, env.rank, env.world_size)
     settings = StepSettings.from_config(config, env)
     model = build_network(config, env, logger)
@@ -110,7 +128,6 @@ def train(config: CfgNode, env: DistEnv, logger: logging.Logger) -> int:
     logger.info(f"learning rates ({config.TRAIN.LR_SCALING} scaling, x{lrs.scale:.4g}): base {lrs.base:.3g}, "
                 f"warm-up {lrs.warmup:.3g}, min {lrs.minimum:.3g}")
     optimizer = build_optimizer(config, model, lrs.base)
-    ema = ModelEmaV3(model, decay=config.TRAIN.EMA.DECAY) if config.TRAIN.EMA.ENABLE else None
     forward_model = model
     if env.distributed:
         # Buffers stay per rank during the epoch and are averaged at its end (average_bn_statistics).
@@ -127,51 +144,87 @@ def train(config: CfgNode, env: DistEnv, logger: logging.Logger) -> int:
         scheduler=build_scheduler(config, optimizer, updates_per_epoch, lrs),
         scaler=torch.amp.GradScaler(env.device.type, enabled=config.AMP.ENABLE and config.AMP.DTYPE == "float16"),
         criterion=build_criterion(config, loaders.mixup_fn is not None),
-        ema=ema,
+        ema=ModelEmaV3(model, decay=config.TRAIN.EMA.DECAY) if config.TRAIN.EMA.ENABLE else None,
     )
+    return Training(loaders, settings, state, updates_per_epoch)
 
-    # Checkpoints are read by rank 0 and their contents broadcast, so every rank loads the same weights.
-    start_epoch, best_acc1 = 0, 0.0
+
+def starting_point(config: CfgNode, env: DistEnv, training: Training, logger: logging.Logger) -> ResumePoint:
+    """Restore the run to continue, or load the pretrained weights to start from; returns where to start.
+
+    Checkpoints are read by rank 0 and their contents broadcast, so every rank loads the same weights.
+    """
+    state = training.state
     resume = choose_resume(config, env, logger)
     if resume is not None:
-        start_epoch, best_acc1 = restore_training(state, resume[1], str(resume[0]), config, env, updates_per_epoch,
-                                                  logger)
-    elif config.MODEL.PRETRAINED:
-        load_pretrained(model, read_checkpoint(config.MODEL.PRETRAINED, env), config.MODEL.PRETRAINED, logger)
-        if ema is not None:
-            ema.module.load_state_dict(model.state_dict())
+        point = restore_training(state, resume[1], str(resume[0]), config, env, training.updates_per_epoch, logger)
+    else:
+        point = ResumePoint(epoch=0, step=0, best_acc1=0.0)
+        if config.MODEL.PRETRAINED:
+            model = unwrap_model(state.model)
+            load_pretrained(model, read_checkpoint(config.MODEL.PRETRAINED, env), config.MODEL.PRETRAINED, logger)
+            if state.ema is not None:
+                state.ema.module.load_state_dict(model.state_dict())
     state.scheduler.step_update(state.global_step)
+    return point
 
+
+def train(config: CfgNode, env: DistEnv, logger: logging.Logger, preemption: PreemptionSignal) -> int:
+    """Train for the remaining epochs; returns 0, or EXIT_PREEMPTED after a stop request was saved."""
+    training = build_training(config, env, logger)
+    loaders, settings, state = training.loaders, training.settings, training.state
+    point = starting_point(config, env, training, logger)
+    classes = loaders.dataset_train.classes
+    best_acc1 = point.best_acc1
     unreadable = UnreadableImages(config.DATA.BAD_IMAGE)
     metrics_log = MetricsLog(Path(config.OUTPUT), enabled=env.is_main)
-    if start_epoch < config.TRAIN.EPOCHS:
-        logger.info(f"training epochs {start_epoch}..{config.TRAIN.EPOCHS - 1}, {updates_per_epoch} updates per epoch")
+    if point.epoch < config.TRAIN.EPOCHS:
+        logger.info(f"training epochs {point.epoch}..{config.TRAIN.EPOCHS - 1}, "
+                    f"{training.updates_per_epoch} updates per epoch")
     else:
         logger.info(f"all {config.TRAIN.EPOCHS} epochs are already trained; raise TRAIN.EPOCHS to train more")
     try:
-        for epoch in range(start_epoch, config.TRAIN.EPOCHS):
-            seed_everything(epoch_seed(config.SEED, env.rank, epoch))
-            loaders.loader_train.sampler.set_epoch(epoch)
+        for epoch in range(point.epoch, config.TRAIN.EPOCHS):
+            start_step = point.step if epoch == point.epoch else 0
+            interruptions = Interruptions(
+                stop_requested=lambda: preemption.received is not None,
+                save=functools.partial(save_position, state, config, env, epoch, best_acc1=best_acc1, classes=classes,
+                                       logger=logger),
+                save_every=config.TRAIN.SAVE_STEPS)
+            seed_everything(position_seed(config.SEED, env.rank, epoch))
+            loaders.loader_train.sampler.set_epoch(epoch, start=start_step * config.DATA.BATCH_SIZE)
             train_stats = train_one_epoch(state, loaders.loader_train, epoch, settings, logger, loaders.mixup_fn,
-                                          unreadable)
+                                          unreadable, start_step, interruptions)
+            if train_stats.pop("stopped_at") is not None:
+                return stop_for_preemption(env, logger)
             average_bn_statistics(state, config.TRAIN.SYNC_BN, env)
             val_stats = validate(state.model, loaders.loader_val, settings, logger, unreadable)
             row = {"epoch": epoch, **train_stats, "val_loss": val_stats["loss"], "acc1": val_stats["acc1"],
                    "acc5": val_stats["acc5"], "val_images": val_stats["images"],
                    "val_unreadable_images": val_stats["unreadable_images"]}
-            if ema is not None:
-                ema_stats = validate(ema.module, loaders.loader_val, settings, logger, unreadable)
+            if state.ema is not None:
+                ema_stats = validate(state.ema.module, loaders.loader_val, settings, logger, unreadable)
                 row.update(ema_acc1=ema_stats["acc1"], ema_acc5=ema_stats["acc5"], ema_val_loss=ema_stats["loss"])
             is_best = val_stats["acc1"] > best_acc1
             best_acc1 = max(best_acc1, val_stats["acc1"])
             logger.info(f"epoch {epoch}: Acc@1 {val_stats['acc1']:.3f}, best {best_acc1:.3f}")
-            save_epoch(state, config, env, epoch, best_acc1, is_best, loaders.dataset_train.classes, logger)
+            save_epoch(state, config, env, epoch, best_acc1, is_best, classes, logger)
             metrics_log.write(row)
+            if any_rank(preemption.received is not None, env) and epoch + 1 < config.TRAIN.EPOCHS:
+                return stop_for_preemption(env, logger)
     finally:
         metrics_log.close()
     saved = [p.name for _, p in epoch_checkpoints(Path(config.OUTPUT))]
     logger.info(f"training done: best Acc@1 {best_acc1:.3f}; checkpoints {saved}")
     return 0
+
+
+def stop_for_preemption(env: DistEnv, logger: logging.Logger) -> int:
+    """After the stop request's checkpoint: requeue the SLURM job (rank 0) and exit with EXIT_PREEMPTED."""
+    logger.warning(f"stopped on a preemption signal; the same command resumes (exit status {EXIT_PREEMPTED})")
+    if env.is_main:
+        requeue_slurm_job(logger)
+    return EXIT_PREEMPTED
 
 
 def run(config: CfgNode, env: DistEnv, logger: logging.Logger) -> int:
@@ -187,7 +240,8 @@ def run(config: CfgNode, env: DistEnv, logger: logging.Logger) -> int:
     configure_backends(config.DETERMINISTIC, config.TRAIN.TF32)
     if config.EVAL_MODE or config.THROUGHPUT_MODE:
         return evaluate_only(config, env, logger)
-    return train(config, env, logger)
+    with PreemptionSignal() as preemption:
+        return train(config, env, logger, preemption)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -31,14 +31,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def epoch_seed(seed: int, rank: int, epoch: int) -> int:
-    """The seed of one rank's epoch.
+def position_seed(seed: int, *position: int) -> int:
+    """The seed of a position in the run, e.g. (rank, epoch) or (rank, epoch, step).
 
-    Re-seeding every epoch from (seed, rank, epoch) makes augmentation, mixup, drop path and the worker
-    seeds a pure function of where the run is, so a run restarted from an epoch checkpoint replays the
-    following epochs exactly as the uninterrupted run did.
+    Re-seeding from where the run is (each epoch for the loader workers, each step for mixup, drop path and
+    random erasing) makes every random draw a pure function of the position, so a run restarted from a
+    checkpoint, at an epoch's end or inside one, replays what follows exactly as the uninterrupted run did.
     """
-    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1, dtype=np.uint64)[0] % 2**63)
+    return int(np.random.SeedSequence([seed, *position]).generate_state(1, dtype=np.uint64)[0] % 2**63)
 
 
 def rng_state() -> dict[str, Any]:

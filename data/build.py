@@ -4,12 +4,12 @@ from typing import NamedTuple
 
 import torch
 from timm.data import Mixup
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from yacs.config import CfgNode
 
 from .datasets import CIFAR_KINDS, FOLDER_LAYOUTS, DataError, cifar_split, image_folder_split
 from .demo import make_demo_digits
-from .samplers import ShardSampler
+from .samplers import ResumableSampler, ShardSampler
 from .samples import SampleDataset
 from .transforms import build_transform
 
@@ -106,7 +106,7 @@ def build_loader(config: CfgNode, rank: int = 0, world_size: int = 1, train: boo
     if dataset_train is None:
         return Loaders(None, dataset_val, None, loader_val, None)
 
-    sampler_train = DistributedSampler(dataset_train, num_replicas=world_size, rank=rank, shuffle=True,
+    sampler_train = ResumableSampler(dataset_train, num_replicas=world_size, rank=rank, shuffle=True,
                                        seed=config.SEED)
     if len(sampler_train) < config.DATA.BATCH_SIZE:
         raise DataError(

@@ -1,8 +1,27 @@
-"""Validation sharding that gives every sample to exactly one process."""
+"""Samplers: training shards that a resumed run can enter mid-epoch, and validation shards that give every
+sample to exactly one process."""
 
 from collections.abc import Iterator
 
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler, Sampler
+
+
+class ResumableSampler(DistributedSampler):
+    """torch's DistributedSampler (shuffled by (seed, epoch), padded to equal shards) that can start an epoch
+    after the first ``start`` samples of this rank's shard, so a run resumed mid-epoch sees exactly the
+    samples the interrupted one had not seen, in the same order."""
+
+    start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(list(super().__iter__())[self.start:])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
 
 
 class ShardSampler(Sampler[int]):

@@ -68,9 +68,9 @@ def launch(args: list[str], nproc: int = 0, timeout: float = 300, script: Path =
     """Run ``script`` (``main.py``) in a fresh interpreter (under torchrun with ``nproc`` processes when given)."""
     prefix = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
               if nproc else [sys.executable])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([*prefix, str(script), *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout, **popen)
+    popen.setdefault("env", {**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run([*prefix, str(script), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          **popen)
 
 
 def plain(text: str) -> str:

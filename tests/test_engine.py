@@ -136,11 +136,13 @@ def test_mixed_precision_trains_on_cpu(dtype: torch.dtype) -> None:
     state = make_state(model, fp16=dtype == torch.float16)
     generator = torch.Generator().manual_seed(0)
     data = [sample_batch(torch.randn(4, 3, 32, 32, generator=generator),
-                         torch.randint(0, 4, (4,), generator=generator))] * 2
+                         torch.randint(0, 4, (4,), generator=generator))] * 6
     before = copy.deepcopy(model.state_dict())
     stats = train_one_epoch(state, data, 0, settings(amp_dtype=dtype), LOGGER)
-    assert math.isfinite(stats["train_loss"]) and state.global_step == 2
+    assert math.isfinite(stats["train_loss"]) and state.global_step == 6
     assert state.scaler.is_enabled() == (dtype == torch.float16)
+    # The scaler may skip its first updates while it finds its scale (65536 overflows float16 here); not all.
+    assert stats["skipped_updates"] < 6 and math.isfinite(stats["grad_norm"])
     assert not torch.equal(before["head.weight"], model.head.weight)
 
 

@@ -255,10 +255,10 @@ KILLED_RUN = textwrap.dedent("""
 
     if sys.argv[1] == "update":  # before the 5th optimiser update: mid-way through epoch 1 (3 per epoch)
         real_update = engine._optimizer_update
-        def dying_update(state, settings):
+        def dying_update(state, settings, where):
             if state.global_step == 4:
                 die()
-            return real_update(state, settings)
+            return real_update(state, settings, where)
         engine._optimizer_update = dying_update
     else:  # half of epoch 1's first checkpoint reaches the disk, then the process dies
         real_save = torch.save
@@ -505,3 +505,67 @@ def test_a_nan_on_rank1_stops_both_ranks_with_the_error_on_stderr(images: Path, 
     errors = plain(result.stderr)
     for rank in (0, 1):
         assert f"rank {rank}] ERROR loss is nan at epoch 0 step 1/3 (optimiser update 1) on rank 1;" in errors, errors
+
+
+# Runs main.py and sends itself SIGUSR1 during the first update of epoch 1 (update 3), and a SIGTERM while the
+# resulting checkpoint is being written.
+PREEMPTED_RUN = textwrap.dedent("""
+    import io, os, runpy, signal, sys
+    sys.path.insert(0, os.getcwd())
+    import torch
+    import engine
+
+    real_update = engine._optimizer_update
+    def signalled_update(state, settings, where):
+        if state.global_step == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real_update(state, settings, where)
+    engine._optimizer_update = signalled_update
+
+    real_save = torch.save
+    def interrupted_save(obj, f):
+        if obj.get("step"):
+            buffer = io.BytesIO()
+            real_save(obj, buffer)
+            f.write(buffer.getvalue()[:1000])
+            os.kill(os.getpid(), signal.SIGTERM)  # the second signal lands in the middle of the write
+            f.write(buffer.getvalue()[1000:])
+        else:
+            real_save(obj, f)
+    torch.save = interrupted_save
+    sys.argv = ["main.py", *sys.argv[1:]]
+    runpy.run_path("main.py", run_name="__main__")
+""")
+
+FAKE_SCONTROL = textwrap.dedent("""\
+    #!/bin/sh
+    echo "$@" >> "$(dirname "$0")/calls"
+    [ "$1" = show ] && echo "JobId=$3 Requeue=1 Restarts=0"
+    exit 0
+""")
+
+
+@pytest.mark.slow
+def test_a_preemption_signal_saves_inside_the_epoch_requeues_and_resumes(images: Path, uninterrupted: Path,
+                                                                        tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(FAKE_SCONTROL)
+    (bin_dir / "scontrol").chmod(0o755)
+    slurm = {"SLURM_JOB_ID": "42", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    config = write_config(tmp_path / "config.yaml", images, tmp_path / "out", RESUME_EXTRA)
+    script = tmp_path / "preempted.py"
+    script.write_text(PREEMPTED_RUN)
+    stopped = launch(["--cfg", str(config)], script=script, env={**os.environ, "OMP_NUM_THREADS": "1", **slurm})
+    assert stopped.returncode == 75, stopped.stdout + stopped.stderr
+    out = run_dir(tmp_path / "out")
+    saved = load_checkpoint_file(out / "latest.pth")  # whole, although a second signal came during its write
+    assert (saved["epoch"], saved["step"], saved["global_step"]) == (0, 4, 5)
+    assert (bin_dir / "calls").read_text().splitlines() == ["show job 42", "requeue 42"]
+    assert "stopping on request after epoch 1 step 3/6" in stopped.stdout
+
+    resumed = launch(["--cfg", str(config)])
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resumed from" in resumed.stdout and "4 steps into epoch 1, update 5" in resumed.stdout
+    assert load_checkpoint_file(out / "ckpt_epoch_2.pth")["global_step"] == load_checkpoint_file(uninterrupted)[
+        "global_step"]

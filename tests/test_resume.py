@@ -84,9 +84,9 @@ def test_a_changed_schedule_takes_effect_and_is_logged(caplog) -> None:
                       TRAIN__MIN_LR=1e-6)
     resumed, fresh = make_state(new), make_state(new)
     with caplog.at_level(logging.INFO):
-        start, best = restore_training(resumed, checkpoint, "ckpt.pth", new, CPU, UPDATES_PER_EPOCH,
-                                       logging.getLogger("resume"))
-    assert (start, best, resumed.global_step) == (1, 12.5, UPDATES_PER_EPOCH)
+        point = restore_training(resumed, checkpoint, "ckpt.pth", new, CPU, UPDATES_PER_EPOCH,
+                                 logging.getLogger("resume"))
+    assert (*point, resumed.global_step) == (1, 0, 12.5, UPDATES_PER_EPOCH)
     for update in (UPDATES_PER_EPOCH, 7, 11, 39):
         resumed.scheduler.step_update(update)
         fresh.scheduler.step_update(update)
@@ -175,9 +175,9 @@ def test_release_optimiser_state_is_matched_by_name_whatever_the_saved_order(cap
     config = config_with(TRAIN__EPOCHS=300, TRAIN__WARMUP_EPOCHS=20)
     state = make_state(config, model)
     with caplog.at_level(logging.INFO):
-        start, best = restore_training(state, checkpoint, "release.pth", config, CPU, UPDATES_PER_EPOCH,
-                                       logging.getLogger("resume"))
-    assert (start, best, state.global_step) == (10, 81.2, 10 * UPDATES_PER_EPOCH)
+        point = restore_training(state, checkpoint, "release.pth", config, CPU, UPDATES_PER_EPOCH,
+                                 logging.getLogger("resume"))
+    assert (*point, state.global_step) == (10, 0, 81.2, 10 * UPDATES_PER_EPOCH)
     assert "does not fit" not in caplog.text
     parameters = dict(model.named_parameters())
     for position, name in enumerate(flat):
@@ -193,9 +193,9 @@ def test_release_checkpoint_with_an_unfitting_optimiser_state_resumes_fresh(capl
     checkpoint["optimizer"]["param_groups"] = checkpoint["optimizer"]["param_groups"][:1]  # another grouping
     state = make_state(config_with(), model)
     with caplog.at_level(logging.WARNING):
-        start, _ = restore_training(state, checkpoint, "release.pth", config_with(), CPU, UPDATES_PER_EPOCH,
-                                    logging.getLogger("resume"))
-    assert start == 10
+        point = restore_training(state, checkpoint, "release.pth", config_with(), CPU, UPDATES_PER_EPOCH,
+                                 logging.getLogger("resume"))
+    assert point.epoch == 10
     assert "release.pth: its optimiser state does not fit" in caplog.text and "fresh optimiser state" in caplog.text
     assert not state.optimizer.state
     other = make_state(config_with(TRAIN__OPTIMIZER__NAME="sgd"), tiny())
