@@ -127,3 +127,29 @@ def test_tf32_and_autotuning_follow_the_config() -> None:
     finally:
         torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "none"
         torch.backends.cudnn.benchmark = False
+
+
+# srun runs its command once, here; python only shows its arguments.
+FAKE_COMMANDS = {
+    "srun": '#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n',
+    "python": "#!/bin/sh\nprintf '%s|' \"$@\"\necho\n",
+    "scontrol": "#!/bin/sh\necho gpu07\necho gpu08\n",
+}
+
+
+@pytest.mark.parametrize(("style", "expected"), [
+    ("srun", "main.py|--cfg|configs/x.yaml|--data-path|/data/a b|"),
+    ("torchrun", "-m|torch.distributed.run|--nnodes=2|--nproc_per_node=4|--rdzv-backend=c10d|"
+                 "--rdzv-endpoint=gpu07:29500|--rdzv-id=99|main.py|--cfg|configs/x.yaml|--data-path|/data/a b|"),
+])
+def test_slurm_template_starts_main_py_in_both_styles(style: str, expected: str, tmp_path: Path) -> None:
+    for name, text in FAKE_COMMANDS.items():
+        (tmp_path / name).write_text(text)
+        (tmp_path / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "LAUNCH": style, "SLURM_JOB_ID": "99",
+           "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "4", "SLURM_JOB_NODELIST": "gpu[07-08]",
+           "SLURM_SUBMIT_DIR": str(REPO)}
+    result = subprocess.run(["bash", str(REPO / "tools" / "slurm_train.sh"), "configs/x.yaml", "--data-path",
+                             "/data/a b"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected

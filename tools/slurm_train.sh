@@ -1,0 +1,47 @@
+#!/bin/bash
+# Train Strip-MLP on a SLURM cluster, in either of two styles (pick one with LAUNCH below):
+#
+#   LAUNCH=torchrun  srun starts one torchrun per node, torchrun starts one process per GPU (c10d rendezvous)
+#   LAUNCH=srun      srun starts one task per GPU itself; main.py reads SLURM_PROCID, SLURM_NTASKS and
+#                    SLURM_LOCALID and meets the others on the job's first node
+#
+# Submit:  sbatch tools/slurm_train.sh configs/imagenet1k/strip_mlp_tiny.yaml --data-path /data/imagenet
+#
+# Preemption and time limits: --signal=USR1@180 asks SLURM to send SIGUSR1 three minutes before the end; every
+# rank then finishes its update, rank 0 writes output/.../latest.pth with the position inside the epoch, the
+# job is requeued (--requeue) and exits with status 75. The requeued job runs this same script, and main.py
+# resumes from latest.pth (TRAIN.AUTO_RESUME). TRAIN.SAVE_STEPS N also saves every N updates, so a hard kill
+# loses at most N updates.
+#
+#SBATCH --job-name=strip-mlp
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=8          # LAUNCH=srun: one task per GPU; LAUNCH=torchrun: set it to 1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=10           # LAUNCH=srun: the loader workers of one GPU (see the README's Clusters)
+#SBATCH --time=48:00:00
+#SBATCH --signal=USR1@180
+#SBATCH --requeue
+#SBATCH --open-mode=append           # a requeued job appends to the same output files
+#SBATCH --output=slurm-%j.out
+
+set -euo pipefail
+LAUNCH=${LAUNCH:-srun}
+CFG=${1:?usage: sbatch tools/slurm_train.sh CONFIG [main.py options]}
+shift
+
+cd "${SLURM_SUBMIT_DIR:-.}"
+export OMP_NUM_THREADS=1
+# Every process's errors reach stderr with its rank; NCCL's own reports help on a hang.
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+
+if [ "$LAUNCH" = torchrun ]; then
+    HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    GPUS=${SLURM_GPUS_ON_NODE:-8}
+    # One torchrun per node; "exec" lets torchrun receive SLURM's signals and pass them to its processes.
+    srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c 'exec python -m torch.distributed.run \
+        --nnodes="$SLURM_NNODES" --nproc_per_node="$1" --rdzv-backend=c10d --rdzv-endpoint="$2:29500" \
+        --rdzv-id="$SLURM_JOB_ID" main.py --cfg "${@:3}"' bash "$GPUS" "$HEAD" "$CFG" "$@"
+else
+    # One task per GPU; --kill-on-bad-exit stops the others when one task fails.
+    srun --kill-on-bad-exit=1 python main.py --cfg "$CFG" "$@"
+fi
