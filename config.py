@@ -64,8 +64,8 @@ def default_config() -> CN:
     c.DATA.INTERPOLATION = "bicubic"  # resize interpolation for training and evaluation
     c.DATA.PIN_MEMORY = True  # page-locked host memory for faster copies to the GPU
     c.DATA.NUM_WORKERS = 8  # data-loading worker processes per training process
-    # Off by default: persistent workers keep their first-epoch random state, so a resumed run would draw
-    # other augmentations than an uninterrupted one. True saves the worker start-up time per epoch.
+    # Keep loader workers alive between epochs (saves their start-up each epoch). Augmentation depends only on
+    # (SEED, epoch, sample index), so it changes no result.
     c.DATA.PERSISTENT_WORKERS = False
     # What an image that cannot be read or decoded does: "skip" logs its path and trains on the next readable
     # image of the split instead (and leaves it out of validation accuracy); "error" stops the run naming it.

@@ -3,8 +3,8 @@
 from .build import DATASETS, MIXUP_MODES, Loaders, build_dataset, build_loader, build_mixup
 from .datasets import DataError
 from .demo import make_demo_digits
-from .samplers import ShardSampler
-from .samples import BAD_IMAGE_POLICIES, Sample, SampleDataset
+from .samplers import ShardSampler, TrainSampler
+from .samples import BAD_IMAGE_POLICIES, Sample, SampleDataset, SampleKey
 from .transforms import INTERPOLATIONS, RANDOM_ERASING_MODES, build_transform
 
 __all__ = [
@@ -17,7 +17,9 @@ __all__ = [
     "Loaders",
     "Sample",
     "SampleDataset",
+    "SampleKey",
     "ShardSampler",
+    "TrainSampler",
     "build_dataset",
     "build_loader",
     "build_mixup",

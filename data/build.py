@@ -4,12 +4,12 @@ from typing import NamedTuple
 
 import torch
 from timm.data import Mixup
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from yacs.config import CfgNode
 
 from .datasets import CIFAR_KINDS, FOLDER_LAYOUTS, DataError, cifar_split, image_folder_split
 from .demo import make_demo_digits
-from .samplers import ShardSampler
+from .samplers import ShardSampler, TrainSampler
 from .samples import SampleDataset
 from .transforms import build_transform
 
@@ -31,15 +31,17 @@ class Loaders(NamedTuple):
 def build_dataset(is_train: bool, config: CfgNode) -> SampleDataset:
     """The training or validation split of DATA.DATASET under DATA.DATA_PATH, with its transform.
 
-    It yields :class:`~data.samples.Sample` and passes over unreadable images (see SampleDataset).
+    It yields :class:`~data.samples.Sample`, augmented as a function of (SEED, epoch, index), and passes over
+    unreadable images (see SampleDataset).
     """
     kind = config.DATA.DATASET
     root = config.DATA.DATA_PATH
     transform = build_transform(is_train, config)
     if kind in CIFAR_KINDS:
-        return SampleDataset(cifar_split(root, is_train, kind, transform))
+        return SampleDataset(cifar_split(root, is_train, kind, transform), seed=config.SEED)
     if kind in FOLDER_LAYOUTS:
-        return SampleDataset(image_folder_split(root, "train" if is_train else "val", kind, transform))
+        split = "train" if is_train else "val"
+        return SampleDataset(image_folder_split(root, split, kind, transform), seed=config.SEED)
     raise DataError(f"unknown DATA.DATASET {kind!r}; valid: {', '.join(DATASETS)}")
 
 
@@ -79,9 +81,10 @@ def build_mixup(config: CfgNode) -> Mixup | None:
 def build_loader(config: CfgNode, rank: int = 0, world_size: int = 1, train: bool = True) -> Loaders:
     """Datasets, loaders and the mixup function for process ``rank`` of ``world_size``.
 
-    Training shuffles through a DistributedSampler (call ``loader_train.sampler.set_epoch(epoch)`` each
-    epoch) and drops the last incomplete batch; validation gives every sample to exactly one process
-    (see ShardSampler), so that sums of correct predictions over processes are exact.
+    Training shuffles through a TrainSampler: call ``loader_train.sampler.set_epoch(epoch)`` each epoch,
+    ``set_epoch(epoch, start=k)`` to resume after the first k samples of this process's share; it drops the last
+    incomplete batch. Validation gives every sample to exactly one process (see ShardSampler), so that sums of
+    correct predictions over processes are exact.
     ``train=False`` (evaluation, throughput) reads only the validation split, never the training one, and
     returns None for the training dataset, loader and mixup function.
     Batches are :class:`~data.samples.Sample` of tensors (``bad`` a tuple of strings).
@@ -106,8 +109,7 @@ def build_loader(config: CfgNode, rank: int = 0, world_size: int = 1, train: boo
     if dataset_train is None:
         return Loaders(None, dataset_val, None, loader_val, None)
 
-    sampler_train = DistributedSampler(dataset_train, num_replicas=world_size, rank=rank, shuffle=True,
-                                       seed=config.SEED)
+    sampler_train = TrainSampler(len(dataset_train), rank, world_size, seed=config.SEED)
     if len(sampler_train) < config.DATA.BATCH_SIZE:
         raise DataError(
             f"DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} is more than the {len(sampler_train)} training images each of "
