@@ -78,7 +78,7 @@ def build_network(config: CfgNode, env: DistEnv, logger: logging.Logger) -> nn.M
 
 def evaluate_only(config: CfgNode, env: DistEnv, logger: logging.Logger) -> int:
     """``--eval`` (the given weights must fit the model as they are) or ``--throughput``; no training data."""
-    loaders = build_loader(config, env.rank, env.world_size, train=False)
+    loaders = build_loader(config, env.rank, env.world_size, train=False, device=env.device)
     settings = StepSettings.from_config(config, env)
     model = build_network(config, env, logger)
     if config.EVAL_MODE:
@@ -96,7 +96,7 @@ def evaluate_only(config: CfgNode, env: DistEnv, logger: logging.Logger) -> int:
 
 
 def train(config: CfgNode, env: DistEnv, logger: logging.Logger) -> int:
-    loaders = build_loader(config, env.rank, env.world_size)
+    loaders = build_loader(config, env.rank, env.world_size, device=env.device)
     settings = StepSettings.from_config(config, env)
     model = build_network(config, env, logger)
     lrs = effective_learning_rates(config, env.world_size)

@@ -1,8 +1,10 @@
-"""Data loading: datasets by DATA.DATASET yielding Samples, release transforms, mixup, and distributed samplers."""
+"""Data loading: datasets by DATA.DATASET yielding Samples, the release's transforms, the device-side normalisation
+and erasing, mixup, and resumable distributed samplers."""
 
 from .build import DATASETS, MIXUP_MODES, Loaders, build_dataset, build_loader, build_mixup
 from .datasets import DataError
 from .demo import make_demo_digits
+from .device import DeviceLoader, build_erasing
 from .samplers import ShardSampler, TrainSampler
 from .samples import BAD_IMAGE_POLICIES, Sample, SampleDataset, SampleKey
 from .transforms import INTERPOLATIONS, RANDOM_ERASING_MODES, build_transform
@@ -14,6 +16,7 @@ __all__ = [
     "MIXUP_MODES",
     "RANDOM_ERASING_MODES",
     "DataError",
+    "DeviceLoader",
     "Loaders",
     "Sample",
     "SampleDataset",
@@ -21,6 +24,7 @@ __all__ = [
     "ShardSampler",
     "TrainSampler",
     "build_dataset",
+    "build_erasing",
     "build_loader",
     "build_mixup",
     "build_transform",

@@ -9,6 +9,7 @@ from yacs.config import CfgNode
 
 from .datasets import CIFAR_KINDS, FOLDER_LAYOUTS, DataError, cifar_split, image_folder_split
 from .demo import make_demo_digits
+from .device import DeviceLoader, build_erasing
 from .samplers import ShardSampler, TrainSampler
 from .samples import SampleDataset
 from .transforms import build_transform
@@ -23,26 +24,28 @@ class Loaders(NamedTuple):
 
     dataset_train: SampleDataset | None
     dataset_val: SampleDataset
-    loader_train: DataLoader | None
-    loader_val: DataLoader
+    loader_train: DeviceLoader | None
+    loader_val: DeviceLoader
     mixup_fn: Mixup | None
 
 
 def build_dataset(is_train: bool, config: CfgNode) -> SampleDataset:
     """The training or validation split of DATA.DATASET under DATA.DATA_PATH, with its transform.
 
-    It yields :class:`~data.samples.Sample`, augmented as a function of (SEED, epoch, index), and passes over
-    unreadable images (see SampleDataset).
+    It yields :class:`~data.samples.Sample` of uint8 images, augmented as a function of (SEED, epoch, index), and
+    passes over unreadable images (see SampleDataset).
     """
     kind = config.DATA.DATASET
     root = config.DATA.DATA_PATH
+    split = "train" if is_train else "val"
     transform = build_transform(is_train, config)
+    if kind not in DATASETS:
+        raise DataError(f"unknown DATA.DATASET {kind!r}; valid: {', '.join(DATASETS)}")
     if kind in CIFAR_KINDS:
-        return SampleDataset(cifar_split(root, is_train, kind, transform), seed=config.SEED)
-    if kind in FOLDER_LAYOUTS:
-        split = "train" if is_train else "val"
-        return SampleDataset(image_folder_split(root, split, kind, transform), seed=config.SEED)
-    raise DataError(f"unknown DATA.DATASET {kind!r}; valid: {', '.join(DATASETS)}")
+        base = cifar_split(root, is_train, kind, transform)
+    else:
+        base = image_folder_split(root, split, kind, transform)
+    return SampleDataset(base, seed=config.SEED)
 
 
 def _check_classes(train: SampleDataset | None, val: SampleDataset, config: CfgNode) -> None:
@@ -78,13 +81,15 @@ def build_mixup(config: CfgNode) -> Mixup | None:
     )
 
 
-def build_loader(config: CfgNode, rank: int = 0, world_size: int = 1, train: bool = True) -> Loaders:
+def build_loader(config: CfgNode, rank: int = 0, world_size: int = 1, train: bool = True,
+                 device: torch.device | str = "cpu") -> Loaders:
     """Datasets, loaders and the mixup function for process ``rank`` of ``world_size``.
 
-    Training shuffles through a TrainSampler: call ``loader_train.sampler.set_epoch(epoch)`` each epoch,
-    ``set_epoch(epoch, start=k)`` to resume after the first k samples of this process's share; it drops the last
-    incomplete batch. Validation gives every sample to exactly one process (see ShardSampler), so that sums of
-    correct predictions over processes are exact.
+    The loaders yield batches on ``device`` (see DeviceLoader): images float32, normalised, and for training
+    randomly erased; loader workers produce uint8 images. Training shuffles through a TrainSampler: call
+    ``loader_train.sampler.set_epoch(epoch)`` each epoch, ``set_epoch(epoch, start=k)`` to resume after the
+    first k samples of this process's share; it drops the last incomplete batch. Validation gives every sample
+    to exactly one process (see ShardSampler), so that sums of correct predictions over processes are exact.
     ``train=False`` (evaluation, throughput) reads only the validation split, never the training one, and
     returns None for the training dataset, loader and mixup function.
     Batches are :class:`~data.samples.Sample` of tensors (``bad`` a tuple of strings).
@@ -101,11 +106,13 @@ def build_loader(config: CfgNode, rank: int = 0, world_size: int = 1, train: boo
         "batch_size": config.DATA.BATCH_SIZE,
         "num_workers": workers,
         # Pinning only helps copies to a GPU (and warns without one).
-        "pin_memory": config.DATA.PIN_MEMORY and config.DEVICE != "cpu" and torch.cuda.is_available(),
+        "pin_memory": config.DATA.PIN_MEMORY and torch.device(device).type == "cuda",
         "persistent_workers": config.DATA.PERSISTENT_WORKERS and workers > 0,
     }
+    memory_format = torch.channels_last if config.CHANNELS_LAST else torch.contiguous_format
     sampler_val = ShardSampler(len(dataset_val), rank, world_size, contiguous=config.TEST.SEQUENTIAL)
-    loader_val = DataLoader(dataset_val, sampler=sampler_val, drop_last=False, **common)
+    loader_val = DeviceLoader(DataLoader(dataset_val, sampler=sampler_val, drop_last=False, **common), device,
+                              memory_format=memory_format)
     if dataset_train is None:
         return Loaders(None, dataset_val, None, loader_val, None)
 
@@ -115,5 +122,6 @@ def build_loader(config: CfgNode, rank: int = 0, world_size: int = 1, train: boo
             f"DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} is more than the {len(sampler_train)} training images each of "
             f"the {world_size} processes gets from {config.DATA.DATA_PATH}; lower it with --batch-size"
         )
-    loader_train = DataLoader(dataset_train, sampler=sampler_train, drop_last=True, **common)
+    loader_train = DeviceLoader(DataLoader(dataset_train, sampler=sampler_train, drop_last=True, **common), device,
+                                erasing=build_erasing(config, device), memory_format=memory_format)
     return Loaders(dataset_train, dataset_val, loader_train, loader_val, build_mixup(config))

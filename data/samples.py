@@ -43,7 +43,8 @@ class Sample(NamedTuple):
     """One sample as every dataset of ``build_dataset`` yields it; ``default_collate`` batches each field.
 
     Attributes:
-        image: the transformed image (C, H, W); batched (B, C, H, W).
+        image: the transformed image, uint8 (C, H, W); batched (B, C, H, W). ``data.DeviceLoader`` turns batches
+            into normalised floats on the device.
         target: its class index; batched (B,).
         index: the dataset index that was asked for; batched (B,).
         bad: "" when the image at ``index`` was read. Otherwise one line "PATH: REASON" per unreadable file
@@ -98,7 +99,7 @@ class SampleDataset(Dataset[Sample]):
     unreadable images instead of raising.
 
     ``base[i]`` returns (transformed image, target) and raises UnreadableImageError when the file of sample
-    ``i`` cannot be read or decoded (see ``load_rgb_image``). Only that error is caught, so a
+    ``i`` cannot be read or decoded (see ``open_image`` and ``decode_rgb``). Only that error is caught, so a
     failing transform still raises. Replacing a bad image by the next readable one keeps batches full.
 
     Args:
