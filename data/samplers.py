@@ -24,17 +24,22 @@ class TrainSampler(Sampler[SampleKey]):
         rank: this process's index, 0 <= rank < world_size.
         world_size: number of processes.
         seed: the run's seed (config.SEED).
+        fixed_shards: give each process the same indices every epoch (those with index % world_size == rank),
+            shuffled among themselves with ``seed + epoch`` and padded to equal counts: what a process caches
+            in memory under DATA.CACHE_MODE "part" is then all it reads (as Swin-Transformer does).
     """
 
-    def __init__(self, num_samples: int, rank: int, world_size: int, seed: int = 0) -> None:
+    def __init__(self, num_samples: int, rank: int, world_size: int, seed: int = 0, fixed_shards: bool = False
+                 ) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside a world of {world_size} processes")
-        if num_samples < 1:
-            raise ValueError("a training sampler needs at least one sample")
+        if num_samples < (world_size if fixed_shards else 1):
+            raise ValueError(f"{num_samples} samples cannot give each of {world_size} processes a training share")
         self.num_samples = num_samples
         self.rank = rank
         self.world_size = world_size
         self.seed = seed
+        self.fixed_shards = fixed_shards
         self.per_rank = math.ceil(num_samples / world_size)  # every process takes as many, padding included
         self.epoch = 0
         self.start = 0
@@ -50,6 +55,10 @@ class TrainSampler(Sampler[SampleKey]):
         """This process's dataset indices of the current epoch, in order, from its first sample."""
         generator = torch.Generator()
         generator.manual_seed(self.seed + self.epoch)
+        if self.fixed_shards:
+            shard = range(self.rank, self.num_samples, self.world_size)
+            indices = [shard[i] for i in torch.randperm(len(shard), generator=generator).tolist()]
+            return _pad(indices, self.per_rank)
         indices = _pad(torch.randperm(self.num_samples, generator=generator).tolist(), self.per_rank * self.world_size)
         return indices[self.rank::self.world_size]
 

@@ -103,7 +103,7 @@ class SampleDataset(Dataset[Sample]):
     failing transform still raises. Replacing a bad image by the next readable one keeps batches full.
 
     Args:
-        base: an ImageFolder or CIFAR dataset with its transform.
+        base: an ImageFolder, ZipImageFolder or CIFAR dataset with its transform.
         seed: the run's seed (config.SEED); with the epoch and the index it seeds each sample's transform.
 
     Raises:

@@ -102,12 +102,14 @@ def test_a_sample_is_a_pure_function_of_seed_epoch_and_index(tmp_path: Path) -> 
     assert len({sample_seed(0, epoch, index) for epoch in range(20) for index in range(50)}) == 1000
 
 
+@pytest.mark.parametrize("fixed_shards", [False, True])
 @pytest.mark.parametrize(("num_samples", "world_size"), [(10, 1), (10, 3), (11, 2), (5, 4)])
-def test_the_sampler_started_after_k_samples_yields_exactly_the_rest(num_samples: int, world_size: int) -> None:
+def test_the_sampler_started_after_k_samples_yields_exactly_the_rest(num_samples: int, world_size: int,
+                                                                     fixed_shards: bool) -> None:
     for epoch in (0, 3):
         shares = []
         for rank in range(world_size):
-            sampler = TrainSampler(num_samples, rank, world_size, seed=5)
+            sampler = TrainSampler(num_samples, rank, world_size, seed=5, fixed_shards=fixed_shards)
             sampler.set_epoch(epoch)
             full = list(sampler)
             assert all(key.epoch == epoch for key in full) and len(sampler) == len(full) == sampler.per_rank
@@ -115,10 +117,12 @@ def test_the_sampler_started_after_k_samples_yields_exactly_the_rest(num_samples
                 sampler.set_epoch(epoch, start=start)
                 assert list(sampler) == full[start:] and len(sampler) == len(full) - start
             shares.append([key.index for key in full])
-            # torch's DistributedSampler order, padding included
-            torch_sampler = DistributedSampler(range(num_samples), world_size, rank, shuffle=True, seed=5)
-            torch_sampler.set_epoch(epoch)
-            assert shares[-1] == list(torch_sampler)
+            if fixed_shards:
+                assert sorted(set(shares[-1])) == list(range(rank, num_samples, world_size))
+            else:  # torch's DistributedSampler order, padding included
+                torch_sampler = DistributedSampler(range(num_samples), world_size, rank, shuffle=True, seed=5)
+                torch_sampler.set_epoch(epoch)
+                assert shares[-1] == list(torch_sampler)
         assert {index for share in shares for index in share} == set(range(num_samples))
     with pytest.raises(ValueError, match="start 99 is outside this process's share"):
         sampler.set_epoch(0, start=99)
