@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from yacs.config import CfgNode as CN
 
-from data import BAD_IMAGE_POLICIES, DATASETS, INTERPOLATIONS, MIXUP_MODES, RANDOM_ERASING_MODES
+from data import BAD_IMAGE_POLICIES, CACHE_MODES, DATASETS, INTERPOLATIONS, MIXUP_MODES, RANDOM_ERASING_MODES
 from distributed import DEVICES
 from engine import AMP_DTYPES
 from lr_scheduler import LR_SCALINGS, SCHEDULERS
@@ -29,6 +29,7 @@ from utils import RunError
 CHOICES: dict[str, tuple[str, ...]] = {
     "DATA.DATASET": DATASETS,
     "DATA.BAD_IMAGE": BAD_IMAGE_POLICIES,
+    "DATA.CACHE_MODE": CACHE_MODES,
     "DATA.INTERPOLATION": INTERPOLATIONS,
     "MODEL.DROP_PATH_SCHEDULE": DROP_PATH_SCHEDULES,
     "TRAIN.LR_SCHEDULER.NAME": SCHEDULERS,
@@ -64,12 +65,19 @@ def default_config() -> CN:
     c.DATA.INTERPOLATION = "bicubic"  # resize interpolation for training and evaluation
     c.DATA.PIN_MEMORY = True  # page-locked host memory for faster copies to the GPU
     c.DATA.NUM_WORKERS = 8  # data-loading worker processes per training process
-    # Off by default: persistent workers keep their first-epoch random state, so a resumed run would draw
-    # other augmentations than an uninterrupted one. True saves the worker start-up time per epoch.
+    # Keep loader workers alive between epochs (saves their start-up each epoch). Augmentation depends only on
+    # (SEED, epoch, sample index), so it changes no result.
     c.DATA.PERSISTENT_WORKERS = False
     # What an image that cannot be read or decoded does: "skip" logs its path and trains on the next readable
     # image of the split instead (and leaves it out of validation accuracy); "error" stops the run naming it.
     c.DATA.BAD_IMAGE = "skip"  # one of CHOICES["DATA.BAD_IMAGE"]
+    # Read each split from Swin-Transformer's packed format (the release's --zip): DATA_PATH holds train.zip and
+    # val.zip, each with <split>_map.txt beside it ("PATH<TAB>LABEL" lines); tools/make_zip_dataset.py writes it.
+    c.DATA.ZIP_MODE = False
+    # With ZIP_MODE (the release's --cache-mode): "no" reads archive members on demand, "part" holds in memory
+    # the members this process reads (each process then trains on its own fixed 1/N of the set, reshuffled each
+    # epoch, as Swin), "full" holds every member in every process.
+    c.DATA.CACHE_MODE = "no"  # one of CHOICES["DATA.CACHE_MODE"]
 
     # ---------------------------------------------------------------- model
     c.MODEL = CN()
@@ -310,6 +318,9 @@ def _check_consistency(config: CN) -> None:
     minmax = config.AUG.CUTMIX_MINMAX
     if minmax is not None and not (isinstance(minmax, list) and len(minmax) == 2 and 0 < minmax[0] < minmax[1] <= 1):
         raise ConfigError(f"AUG.CUTMIX_MINMAX must be None or [min, max] with 0 < min < max <= 1, got {minmax!r}")
+    if config.DATA.CACHE_MODE != "no" and not config.DATA.ZIP_MODE:
+        raise ConfigError(f"DATA.CACHE_MODE {config.DATA.CACHE_MODE} caches members of packed archives; it needs "
+                          "DATA.ZIP_MODE True (--zip)")
     if not 0.0 <= config.MODEL.DROP_PATH_RATE < 1.0:
         raise ConfigError(f"MODEL.DROP_PATH_RATE must be in [0, 1), got {config.MODEL.DROP_PATH_RATE}")
 
@@ -329,6 +340,8 @@ def _shortcut_values(args: argparse.Namespace) -> list[tuple[str, str, Any]]:
         ("--throughput", "THROUGHPUT_MODE", args.throughput or None),
         ("--amp", "AMP.ENABLE", args.amp or None),
         ("--amp-dtype", "AMP.DTYPE", args.amp_dtype),
+        ("--zip", "DATA.ZIP_MODE", args.zip or None),
+        ("--cache-mode", "DATA.CACHE_MODE", args.cache_mode),
     ]
     # The release's apex levels: O0 is full precision, O1/O2 were float16 mixed precision.
     if args.amp_opt_level is not None:
@@ -436,9 +449,11 @@ def build_parser() -> argparse.ArgumentParser:
     # torch.distributed.launch passes --local_rank (older) or --local-rank; torchrun sets LOCAL_RANK instead,
     # which is what the training script reads. Accepted so the release's command lines keep working.
     parser.add_argument("--local_rank", "--local-rank", type=int, dest="local_rank", help=argparse.SUPPRESS)
-    # The release's ImageNet zip/cache loading; images are read from folders here, so both are accepted and ignored.
-    parser.add_argument("--zip", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--cache-mode", choices=("no", "full", "part"), help=argparse.SUPPRESS)
+    parser.add_argument("--zip", action="store_true",
+                        help="read train.zip/val.zip with their map files, Swin's packed format (DATA.ZIP_MODE)")
+    parser.add_argument("--cache-mode", choices=CHOICES["DATA.CACHE_MODE"],
+                        help="with --zip: hold no, this process's part, or all of the members in memory "
+                             "(DATA.CACHE_MODE)")
     return parser
 
 
@@ -449,8 +464,6 @@ def parse_option(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace,
         ConfigError: a bad config file, key or value (a malformed command line exits as argparse does).
     """
     args = build_parser().parse_args(argv)
-    if args.zip or args.cache_mode not in (None, "no"):
-        sys.stderr.write("warning: --zip and --cache-mode are ignored; images are read from folders\n")
     return args, get_config(args)
 
 

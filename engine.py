@@ -326,8 +326,9 @@ def train_one_epoch(
     when a stop request ended the epoch early, else None.
 
     A resumed epoch starts at micro-step ``start_step``: ``loader`` then holds only the batches after it.
-    Every step re-seeds python, numpy and torch from (seed, rank, epoch, step), so mixup, drop path and
-    random erasing do not depend on where the run was started.
+    Every step re-seeds python, numpy and torch from (seed, rank, epoch, step) before its batch is fetched, so
+    random erasing, mixup and drop path do not depend on where the run was started (the loader's per-sample
+    augmentation depends on (seed, epoch, index) alone).
 
     Micro-batches are grouped into optimiser updates of ``accumulation_steps``; the last group of an
     epoch may be shorter and still makes an update. Each micro-batch's loss is divided by the size of its
@@ -353,8 +354,11 @@ def train_one_epoch(
     stop = False
     progress = ProgressLine(env.is_main)
     start = time.time()
-    for step, batch in enumerate(loader, start=start_step):
+    batches = iter(loader)
+    for step in range(start_step, num_steps):
+        # Before the batch is fetched: the loader's random erasing draws when it hands the batch over.
         seed_everything(position_seed(settings.seed, env.rank, epoch, step))
+        batch = next(batches)
         images, targets = _to_device(batch.image, batch.target, settings)
         if mixup_fn is not None:
             images, targets = mixup_fn(images, targets)

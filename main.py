@@ -59,7 +59,7 @@ from logger import MetricsLog, close_logger, create_logger
 from lr_scheduler import build_scheduler, effective_learning_rates
 from models import build_model
 from optimizer import build_optimizer
-from utils import RunError, position_seed, seed_everything, unwrap_model
+from utils import RunError, seed_everything, unwrap_model
 
 
 def check_request(config: CfgNode, env: DistEnv) -> None:
@@ -94,7 +94,7 @@ def build_network(config: CfgNode, env: DistEnv, logger: logging.Logger) -> nn.M
 
 def evaluate_only(config: CfgNode, env: DistEnv, logger: logging.Logger) -> int:
     """``--eval`` (the given weights must fit the model as they are) or ``--throughput``; no training data."""
-    loaders = build_loader(config, env.rank, env.world_size, train=False)
+    loaders = build_loader(config, env.rank, env.world_size, train=False, device=env.device)
     settings = StepSettings.from_config(config, env)
     model = build_network(config, env, logger)
     if config.EVAL_MODE:
@@ -121,7 +121,7 @@ class Training(NamedTuple):
 
 
 def build_training(config: CfgNode, env: DistEnv, logger: logging.Logger) -> Training:
-    loaders = build_loader(config, env.rank, env.world_size)
+    loaders = build_loader(config, env.rank, env.world_size, device=env.device)
     settings = StepSettings.from_config(config, env)
     model = build_network(config, env, logger)
     lrs = effective_learning_rates(config, env.world_size)
@@ -191,7 +191,6 @@ def train(config: CfgNode, env: DistEnv, logger: logging.Logger, preemption: Pre
                 save=functools.partial(save_position, state, config, env, epoch, best_acc1=best_acc1, classes=classes,
                                        logger=logger),
                 save_every=config.TRAIN.SAVE_STEPS)
-            seed_everything(position_seed(config.SEED, env.rank, epoch))
             loaders.loader_train.sampler.set_epoch(epoch, start=start_step * config.DATA.BATCH_SIZE)
             train_stats = train_one_epoch(state, loaders.loader_train, epoch, settings, logger, loaders.mixup_fn,
                                           unreadable, start_step, interruptions)

@@ -9,11 +9,14 @@ from yacs.config import CfgNode
 
 from .datasets import CIFAR_KINDS, FOLDER_LAYOUTS, DataError, cifar_split, image_folder_split
 from .demo import make_demo_digits
-from .samplers import ResumableSampler, ShardSampler
+from .device import DeviceLoader, build_erasing
+from .samplers import ShardSampler, TrainSampler
 from .samples import SampleDataset
 from .transforms import build_transform
+from .zipped import ZipImageFolder, zip_split
 
 DATASETS = (*FOLDER_LAYOUTS, *CIFAR_KINDS)
+ZIP_DATASETS = tuple(kind for kind in FOLDER_LAYOUTS if kind != "demo")  # the demo writes its own folders
 MIXUP_MODES = ("batch", "pair", "elem")  # timm's Mixup draws its parameters per batch, pair or element
 
 
@@ -23,24 +26,34 @@ class Loaders(NamedTuple):
 
     dataset_train: SampleDataset | None
     dataset_val: SampleDataset
-    loader_train: DataLoader | None
-    loader_val: DataLoader
+    loader_train: DeviceLoader | None
+    loader_val: DeviceLoader
     mixup_fn: Mixup | None
 
 
 def build_dataset(is_train: bool, config: CfgNode) -> SampleDataset:
     """The training or validation split of DATA.DATASET under DATA.DATA_PATH, with its transform.
 
-    It yields :class:`~data.samples.Sample` and passes over unreadable images (see SampleDataset).
+    Image-folder kinds are read from folders, or with DATA.ZIP_MODE from Swin's packed archives. It yields
+    :class:`~data.samples.Sample` of uint8 images, augmented as a function of (SEED, epoch, index), and passes
+    over unreadable images (see SampleDataset).
     """
     kind = config.DATA.DATASET
     root = config.DATA.DATA_PATH
+    split = "train" if is_train else "val"
     transform = build_transform(is_train, config)
-    if kind in CIFAR_KINDS:
-        return SampleDataset(cifar_split(root, is_train, kind, transform))
-    if kind in FOLDER_LAYOUTS:
-        return SampleDataset(image_folder_split(root, "train" if is_train else "val", kind, transform))
-    raise DataError(f"unknown DATA.DATASET {kind!r}; valid: {', '.join(DATASETS)}")
+    if kind not in DATASETS:
+        raise DataError(f"unknown DATA.DATASET {kind!r}; valid: {', '.join(DATASETS)}")
+    if config.DATA.ZIP_MODE:
+        if kind not in ZIP_DATASETS:
+            raise DataError(f"DATA.ZIP_MODE reads packed image folders ({', '.join(ZIP_DATASETS)}), not {kind}; "
+                            "set DATA.ZIP_MODE False")
+        base = zip_split(root, split, kind, transform)
+    elif kind in CIFAR_KINDS:
+        base = cifar_split(root, is_train, kind, transform)
+    else:
+        base = image_folder_split(root, split, kind, transform)
+    return SampleDataset(base, seed=config.SEED)
 
 
 def _check_classes(train: SampleDataset | None, val: SampleDataset, config: CfgNode) -> None:
@@ -76,12 +89,21 @@ def build_mixup(config: CfgNode) -> Mixup | None:
     )
 
 
-def build_loader(config: CfgNode, rank: int = 0, world_size: int = 1, train: bool = True) -> Loaders:
+def _cache_members(dataset: SampleDataset, mode: str, shard: range | ShardSampler) -> None:
+    """Apply DATA.CACHE_MODE to a packed split: "full" holds every member, "part" those of ``shard``."""
+    if isinstance(dataset.base, ZipImageFolder) and mode != "no":
+        dataset.base.cache(range(len(dataset)) if mode == "full" else shard)
+
+
+def build_loader(config: CfgNode, rank: int = 0, world_size: int = 1, train: bool = True,
+                 device: torch.device | str = "cpu") -> Loaders:
     """Datasets, loaders and the mixup function for process ``rank`` of ``world_size``.
 
-    Training shuffles through a DistributedSampler (call ``loader_train.sampler.set_epoch(epoch)`` each
-    epoch) and drops the last incomplete batch; validation gives every sample to exactly one process
-    (see ShardSampler), so that sums of correct predictions over processes are exact.
+    The loaders yield batches on ``device`` (see DeviceLoader): images float32, normalised, and for training
+    randomly erased; loader workers produce uint8 images. Training shuffles through a TrainSampler: call
+    ``loader_train.sampler.set_epoch(epoch)`` each epoch, ``set_epoch(epoch, start=k)`` to resume after the
+    first k samples of this process's share; it drops the last incomplete batch. Validation gives every sample
+    to exactly one process (see ShardSampler), so that sums of correct predictions over processes are exact.
     ``train=False`` (evaluation, throughput) reads only the validation split, never the training one, and
     returns None for the training dataset, loader and mixup function.
     Batches are :class:`~data.samples.Sample` of tensors (``bad`` a tuple of strings).
@@ -98,20 +120,28 @@ def build_loader(config: CfgNode, rank: int = 0, world_size: int = 1, train: boo
         "batch_size": config.DATA.BATCH_SIZE,
         "num_workers": workers,
         # Pinning only helps copies to a GPU (and warns without one).
-        "pin_memory": config.DATA.PIN_MEMORY and config.DEVICE != "cpu" and torch.cuda.is_available(),
+        "pin_memory": config.DATA.PIN_MEMORY and torch.device(device).type == "cuda",
         "persistent_workers": config.DATA.PERSISTENT_WORKERS and workers > 0,
     }
+    memory_format = torch.channels_last if config.CHANNELS_LAST else torch.contiguous_format
     sampler_val = ShardSampler(len(dataset_val), rank, world_size, contiguous=config.TEST.SEQUENTIAL)
-    loader_val = DataLoader(dataset_val, sampler=sampler_val, drop_last=False, **common)
+    _cache_members(dataset_val, config.DATA.CACHE_MODE, sampler_val)
+    loader_val = DeviceLoader(DataLoader(dataset_val, sampler=sampler_val, drop_last=False, **common), device,
+                              memory_format=memory_format)
     if dataset_train is None:
         return Loaders(None, dataset_val, None, loader_val, None)
 
-    sampler_train = ResumableSampler(dataset_train, num_replicas=world_size, rank=rank, shuffle=True,
-                                       seed=config.SEED)
+    fixed_shards = config.DATA.ZIP_MODE and config.DATA.CACHE_MODE == "part"  # each process reads what it caches
+    if fixed_shards and len(dataset_train) < world_size:
+        raise DataError(f"{config.DATA.DATA_PATH} has {len(dataset_train)} training images, fewer than the "
+                        f"{world_size} processes that DATA.CACHE_MODE part gives a shard each; use fewer processes")
+    sampler_train = TrainSampler(len(dataset_train), rank, world_size, seed=config.SEED, fixed_shards=fixed_shards)
     if len(sampler_train) < config.DATA.BATCH_SIZE:
         raise DataError(
             f"DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} is more than the {len(sampler_train)} training images each of "
             f"the {world_size} processes gets from {config.DATA.DATA_PATH}; lower it with --batch-size"
         )
-    loader_train = DataLoader(dataset_train, sampler=sampler_train, drop_last=True, **common)
+    _cache_members(dataset_train, config.DATA.CACHE_MODE, range(rank, len(dataset_train), world_size))
+    loader_train = DeviceLoader(DataLoader(dataset_train, sampler=sampler_train, drop_last=True, **common), device,
+                                erasing=build_erasing(config, device), memory_format=memory_format)
     return Loaders(dataset_train, dataset_val, loader_train, loader_val, build_mixup(config))

@@ -4,9 +4,11 @@ Each reader checks what it is given and raises :class:`DataError` with one line 
 what is expected there, so that a wrong ``DATA.DATA_PATH`` is explained instead of dumped as a traceback.
 """
 
+import io
 import os
 import pickle
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from PIL import Image
 from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
@@ -31,17 +33,62 @@ class UnreadableImageError(DataError):
     """One image file that cannot be read or decoded; its message is the line "PATH: REASON"."""
 
 
-def load_rgb_image(path: str) -> Image.Image:
-    """Decode an image file as RGB; a file that cannot be read or decoded raises UnreadableImageError."""
+def describe_error(err: Exception) -> str:
+    """"TYPE: MESSAGE" of an exception on one line, as error lines quote a reason."""
+    return " ".join(f"{type(err).__name__}: {err}".split())  # one line
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """The bytes of an image file, not yet decoded, and the name its error lines give it (a path, an archive
+    member). Datasets yield these and the first step of each transform decodes them: the training crop decodes
+    only what its crop needs, and by the fastest decoder that gives the same pixels (see data/transforms.py).
+    """
+
+    name: str
+    data: bytearray  # writable, so that torch can wrap it without a copy
+
+
+def read_image(path: str) -> EncodedImage:
+    """The bytes of an image file; a file that cannot be read raises UnreadableImageError."""
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")  # convert() decodes now, so a damaged file fails here, not later
+        with open(path, "rb") as file:
+            return EncodedImage(path, bytearray(file.read()))
+    except OSError as err:  # a missing file, a dangling link, a failing disk: the file's fault
+        raise UnreadableImageError(f"{path}: {describe_error(err)}") from None
+
+
+def open_image(image: EncodedImage) -> Image.Image:
+    """The image opened by Pillow without decoding its pixels: format and size (after Pillow's decompression-bomb
+    check) are known, and a JPEG can still be told to decode at a reduced size (``Image.draft``). A file that is
+    not an image raises UnreadableImageError."""
+    source = io.BytesIO(image.data)
+    try:
+        opened = Image.open(source)
     # Pillow's decoders fail with OSError (unidentified or truncated files), DecompressionBombError,
     # SyntaxError, ValueError, EOFError, struct.error, ... depending on the plugin; nothing but the file is
     # read in this block, so every exception here is the file's fault.
     except Exception as err:
-        reason = " ".join(f"{type(err).__name__}: {err}".split())  # one line
-        raise UnreadableImageError(f"{path}: {reason}") from None
+        raise UnreadableImageError(f"{image.name}: {describe_error(err).replace(repr(source), repr(image.name))}"
+                                   ) from None
+    opened.filename = image.name  # what decode_rgb's errors call it; Pillow leaves it empty for in-memory files
+    return opened
+
+
+def decode_rgb(image: EncodedImage | Image.Image) -> Image.Image:
+    """Decode an image as RGB (an opened but undecoded one, or encoded bytes; a decoded one passes through); pixels
+    that cannot be decoded raise UnreadableImageError naming the file. The first step of the evaluation transform."""
+    opened = open_image(image) if isinstance(image, EncodedImage) else image
+    try:
+        opened.load()  # decodes now, so a damaged file fails here, not later
+    except Exception as err:  # as in open_image: only the file's bytes are read here
+        raise UnreadableImageError(f"{getattr(opened, 'filename', '') or 'image'}: {describe_error(err)}") from None
+    return opened if opened.mode == "RGB" else opened.convert("RGB")
+
+
+def load_rgb_image(path: str) -> Image.Image:
+    """Decode an image file as RGB in full; a file that cannot be read or decoded raises UnreadableImageError."""
+    return decode_rgb(read_image(path))
 
 
 def image_folder_split(root: str, split: str, kind: str, transform: Callable | None) -> ImageFolder:
@@ -53,7 +100,7 @@ def image_folder_split(root: str, split: str, kind: str, transform: Callable | N
     if not os.path.isdir(path):
         raise DataError(f"{kind}: {path} is missing; DATA.DATA_PATH must hold {layout}")
     try:
-        return ImageFolder(path, transform=transform, loader=load_rgb_image)
+        return ImageFolder(path, transform=transform, loader=read_image)
     except FileNotFoundError as err:  # no class folders, or a class folder without images
         raise DataError(f"{kind}: {path}: {str(err).rstrip('.')}; expected {layout}") from None
 

@@ -1,27 +1,78 @@
-"""Samplers: training shards that a resumed run can enter mid-epoch, and validation shards that give every
-sample to exactly one process."""
+"""Samplers: shuffled training shares that can start in the middle of an epoch, and validation sharding that
+gives every sample to exactly one process."""
 
+import math
 from collections.abc import Iterator
 
-from torch.utils.data import DistributedSampler, Sampler
+import torch
+from torch.utils.data import Sampler
+
+from .samples import SampleKey
 
 
-class ResumableSampler(DistributedSampler):
-    """torch's DistributedSampler (shuffled by (seed, epoch), padded to equal shards) that can start an epoch
-    after the first ``start`` samples of this rank's shard, so a run resumed mid-epoch sees exactly the
-    samples the interrupted one had not seen, in the same order."""
+class TrainSampler(Sampler[SampleKey]):
+    """This process's share of an epoch's shuffled order, from any position in it.
 
-    start = 0
+    The order is torch's DistributedSampler's: a permutation drawn with ``seed + epoch``, padded by repeating its
+    head to a multiple of ``world_size``, of which process ``rank`` takes every ``world_size``-th index starting
+    at ``rank``. ``set_epoch(epoch, start=k)`` skips the first ``k`` samples of this process's share, so a run
+    resumed after ``k`` samples continues with exactly those it had not seen, none repeated or skipped. Each
+    index is yielded as a :class:`SampleKey` carrying the epoch, which seeds the sample's augmentation.
+
+    Args:
+        num_samples: size of the dataset.
+        rank: this process's index, 0 <= rank < world_size.
+        world_size: number of processes.
+        seed: the run's seed (config.SEED).
+        fixed_shards: give each process the same indices every epoch (those with index % world_size == rank),
+            shuffled among themselves with ``seed + epoch`` and padded to equal counts: what a process caches
+            in memory under DATA.CACHE_MODE "part" is then all it reads (as Swin-Transformer does).
+    """
+
+    def __init__(self, num_samples: int, rank: int, world_size: int, seed: int = 0, fixed_shards: bool = False
+                 ) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside a world of {world_size} processes")
+        if num_samples < (world_size if fixed_shards else 1):
+            raise ValueError(f"{num_samples} samples cannot give each of {world_size} processes a training share")
+        self.num_samples = num_samples
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.fixed_shards = fixed_shards
+        self.per_rank = math.ceil(num_samples / world_size)  # every process takes as many, padding included
+        self.epoch = 0
+        self.start = 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
-        super().set_epoch(epoch)
+        """Draw the order of ``epoch`` and begin after the first ``start`` samples of this process's share."""
+        if not 0 <= start <= self.per_rank:
+            raise ValueError(f"start {start} is outside this process's share of {self.per_rank} samples per epoch")
+        self.epoch = epoch
         self.start = start
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(list(super().__iter__())[self.start:])
+    def order(self) -> list[int]:
+        """This process's dataset indices of the current epoch, in order, from its first sample."""
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        if self.fixed_shards:
+            shard = range(self.rank, self.num_samples, self.world_size)
+            indices = [shard[i] for i in torch.randperm(len(shard), generator=generator).tolist()]
+            return _pad(indices, self.per_rank)
+        indices = _pad(torch.randperm(self.num_samples, generator=generator).tolist(), self.per_rank * self.world_size)
+        return indices[self.rank::self.world_size]
+
+    def __iter__(self) -> Iterator[SampleKey]:
+        return (SampleKey(self.epoch, index) for index in self.order()[self.start:])
 
     def __len__(self) -> int:
-        return self.num_samples - self.start
+        """Samples still to come in this epoch: the share less ``start``."""
+        return self.per_rank - self.start
+
+
+def _pad(indices: list[int], length: int) -> list[int]:
+    """``indices`` repeated from its head up to ``length`` items (DistributedSampler's padding)."""
+    return (indices * math.ceil(length / len(indices)))[:length]
 
 
 class ShardSampler(Sampler[int]):

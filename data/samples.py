@@ -1,16 +1,26 @@
-"""Samples that carry their dataset index and the unreadable files passed over to produce them.
+"""Samples that carry their dataset index and the unreadable files passed over to produce them, augmented with
+randomness that depends only on (seed, epoch, index).
 
 One corrupt file among a million must not end a multi-day run, and whether it may is the run's choice
 (DATA.BAD_IMAGE), made in the main process. So a dataset never raises for an unreadable image: it yields
 the next readable one and names the file it passed over in ``Sample.bad``. That also keeps the DataLoader
 from re-raising a worker's exception as a raw traceback.
+
+Every random draw of a sample's transform (timm's and torchvision's transforms draw from python's ``random``,
+numpy and torch) is seeded from (seed, epoch, index) just before the transform runs. A sample is then the same
+whichever loader worker (or the main process) loads it, so a run gives the same weights with 0, 1 or 4 workers
+and a run resumed in the middle of an epoch sees exactly the augmentations of an uninterrupted one.
 """
 
-from collections.abc import Sequence
+import contextlib
+import operator
+import random
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from .datasets import DataError, UnreadableImageError
 
@@ -18,11 +28,23 @@ from .datasets import DataError, UnreadableImageError
 BAD_IMAGE_POLICIES: tuple[str, ...] = ("skip", "error")
 
 
+class SampleKey(NamedTuple):
+    """What a training sampler asks a SampleDataset for: a dataset index in an epoch.
+
+    The epoch travels with each index, from the sampler in the main process, so that the dataset copies held by
+    loader workers (persistent ones included) never need to be told which epoch it is.
+    """
+
+    epoch: int
+    index: int
+
+
 class Sample(NamedTuple):
     """One sample as every dataset of ``build_dataset`` yields it; ``default_collate`` batches each field.
 
     Attributes:
-        image: the transformed image (C, H, W); batched (B, C, H, W).
+        image: the transformed image, uint8 (C, H, W); batched (B, C, H, W). ``data.DeviceLoader`` turns batches
+            into normalised floats on the device.
         target: its class index; batched (B,).
         index: the dataset index that was asked for; batched (B,).
         bad: "" when the image at ``index`` was read. Otherwise one line "PATH: REASON" per unreadable file
@@ -41,22 +63,56 @@ def max_consecutive_bad(num_samples: int) -> int:
     return min(num_samples, max(10, num_samples // 100))
 
 
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The 64-bit seed of one sample's augmentation in one epoch; SeedSequence mixes the three numbers so that
+    neighbouring indices and epochs get unrelated streams."""
+    high, low = np.random.SeedSequence([seed, epoch, index]).generate_state(2, dtype=np.uint32)
+    return int(high) << 32 | int(low)
+
+
+@contextlib.contextmanager
+def seeded_rngs(seed: int) -> Iterator[None]:
+    """Seed python's ``random``, numpy's global RNG and torch's CPU generator for the block.
+
+    In the main process (a loader without workers, or a direct ``dataset[i]``) their states are restored
+    afterwards, so that loading a sample does not move the random stream of training (mixup, drop path).
+    Worker processes draw from their RNGs for nothing else, so they skip the restore (about 0.1 ms a sample).
+    CUDA generators are never touched.
+    """
+    restore = get_worker_info() is None
+    if restore:
+        states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        if restore:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+            torch.set_rng_state(states[2])
+
+
 class SampleDataset(Dataset[Sample]):
-    """A split that yields :class:`Sample` and passes over unreadable images instead of raising.
+    """A split that yields :class:`Sample`, augments as a pure function of (seed, epoch, index), and passes over
+    unreadable images instead of raising.
 
     ``base[i]`` returns (transformed image, target) and raises UnreadableImageError when the file of sample
-    ``i`` cannot be read or decoded (see ``load_rgb_image``). Only that error is caught, so a failing
-    transform still raises. Replacing a bad image by the next readable one keeps batches full.
+    ``i`` cannot be read or decoded (see ``open_image`` and ``decode_rgb``). Only that error is caught, so a
+    failing transform still raises. Replacing a bad image by the next readable one keeps batches full.
 
     Args:
-        base: an ImageFolder or CIFAR dataset with its transform.
+        base: an ImageFolder, ZipImageFolder or CIFAR dataset with its transform.
+        seed: the run's seed (config.SEED); with the epoch and the index it seeds each sample's transform.
 
     Raises:
         DataError: ``max_consecutive_bad(len(base))`` files in a row are unreadable.
     """
 
-    def __init__(self, base: Dataset) -> None:
+    def __init__(self, base: Dataset, seed: int = 0) -> None:
         self.base = base
+        self.seed = seed
         self.max_bad = max_consecutive_bad(len(base))
 
     @property
@@ -66,13 +122,19 @@ class SampleDataset(Dataset[Sample]):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, index: int) -> Sample:
+    def __getitem__(self, key: int | SampleKey) -> Sample:
+        """The sample of a dataset index (validation; epoch 0) or of a :class:`SampleKey` (training)."""
+        epoch, index = key if isinstance(key, tuple) else (0, operator.index(key))
         if not 0 <= index < len(self.base):  # the wrap-around below would hide a sampler's bad index
             raise IndexError(f"sample {index} is outside a dataset of {len(self.base)}")
+        seed = sample_seed(self.seed, epoch, index)
         bad: list[str] = []
         for offset in range(self.max_bad):
             try:
-                image, target = self.base[(index + offset) % len(self.base)]
+                # Re-seeded for each file tried: a replacement's augmentation does not depend on how far the
+                # transform got with the unreadable file before it failed.
+                with seeded_rngs(seed):
+                    image, target = self.base[(index + offset) % len(self.base)]
             except UnreadableImageError as err:
                 bad.append(str(err))
                 continue

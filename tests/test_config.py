@@ -7,7 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from config import ConfigError, build_parser, default_config, dump_config, get_config, load_config, parse_option
+from config import (
+    CHOICES,
+    ConfigError,
+    build_parser,
+    default_config,
+    dump_config,
+    get_config,
+    load_config,
+    parse_option,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 # Runnable configs; files under configs/base/ are only inherited.
@@ -168,8 +177,15 @@ def test_every_config_builds_its_model(cfg_file: Path) -> None:
         assert out.shape == (2, config.MODEL.NUM_CLASSES)
 
 
-def test_release_zip_and_cache_flags_are_accepted_with_a_warning(tmp_path: Path, capsys) -> None:
+def test_release_zip_and_cache_flags_set_the_data_keys(tmp_path: Path) -> None:
     cfg = _write(tmp_path / "c.yaml", "")
     _, config = parse_option(["--cfg", cfg, "--zip", "--cache-mode", "part", "--local_rank", "0"])
-    assert config.DATA.BATCH_SIZE == default_config().DATA.BATCH_SIZE
-    assert "--zip and --cache-mode are ignored" in capsys.readouterr().err
+    assert (config.DATA.ZIP_MODE, config.DATA.CACHE_MODE) == (True, "part")
+    _, plain = parse_option(["--cfg", cfg])
+    assert (plain.DATA.ZIP_MODE, plain.DATA.CACHE_MODE) == (False, "no")
+    assert CHOICES["DATA.CACHE_MODE"] == ("no", "part", "full")
+    with pytest.raises(ConfigError, match="DATA.CACHE_MODE full caches members of packed archives; it needs "
+                                          r"DATA.ZIP_MODE True \(--zip\)"):
+        parse_option(["--cfg", cfg, "--cache-mode", "full"])
+    with pytest.raises(ConfigError, match="DATA.CACHE_MODE 'some' is not supported; choose one of: no, part, full"):
+        parse_option(["--cfg", cfg, "--zip", "--opts", "DATA.CACHE_MODE", "some"])

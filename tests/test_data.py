@@ -8,14 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from timm.data import Mixup
-from timm.data.auto_augment import AugmentOp, RandAugment
-from timm.data.random_erasing import RandomErasing
+from timm.data import Mixup, create_transform
+from timm.data.auto_augment import AugmentOp
 from torchvision import transforms
 
 from config import load_config
-from data import DataError, Sample, ShardSampler, build_loader, build_transform, make_demo_digits
+from data import DataError, Sample, ShardSampler, build_erasing, build_loader, build_transform, make_demo_digits
+from data.datasets import decode_rgb
 from data.demo import MARKER
+from data.transforms import DecodingRandomResizedCrop, to_uint8_tensor
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CFG = str(REPO / "configs" / "demo" / "strip_mlp_demo.yaml")
@@ -175,7 +176,7 @@ def test_loaders_over_simulated_ranks(image_folder: Callable, world_size: int) -
         orders = []
         for epoch in (0, 1):
             sampler.set_epoch(epoch)
-            orders.append(list(sampler))
+            orders.append([key.index for key in sampler])
         train_epochs.append(orders)
     assert sorted(val_paths) == sorted(path for path, _ in loaders.dataset_val.base.samples)
     for epoch in (0, 1):  # training shards are disjoint and cover the set (18 divides by 2 and 3)
@@ -184,13 +185,23 @@ def test_loaders_over_simulated_ranks(image_folder: Callable, world_size: int) -
 
 
 def test_training_transform_follows_the_release() -> None:
+    """The release's timm recipe, crop and flip done while decoding, the float steps left to the device."""
     config = load_config(str(REPO / "configs" / "imagenet1k" / "strip_mlp_tiny.yaml"))
     steps = build_transform(True, config).transforms
-    assert steps[0].size == (224, 224) and str(steps[0].interpolation).endswith("BICUBIC")
-    assert any(isinstance(step, RandAugment) for step in steps)
-    erasing = [step for step in steps if isinstance(step, RandomErasing)]
-    assert erasing and erasing[0].probability == 0.25 and erasing[0].mode == "pixel"
-    assert any(isinstance(step, transforms.RandomHorizontalFlip) for step in steps)
+    crop = steps[0]
+    assert isinstance(crop, DecodingRandomResizedCrop)
+    assert (crop.size, crop.scale, crop.ratio, crop.mode, crop.hflip) == ((224, 224), (0.08, 1.0), (3 / 4, 4 / 3),
+                                                                         "bicubic", 0.5)
+    release = create_transform(224, is_training=True, auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.4,
+                               hflip=0.5, re_prob=0.25, re_mode="pixel", interpolation="bicubic").transforms
+    # RandAugment as the release has it (colour jitter off under RandAugment, as timm decides).
+    assert isinstance(release[1], transforms.RandomHorizontalFlip) and release[1].p == crop.hflip
+    assert repr(steps[1:-1]) == repr(release[2:-3])
+    assert [type(step).__name__ for step in release[-3:]] == ["MaybeToTensor", "Normalize", "RandomErasing"]
+    assert steps[-1] is to_uint8_tensor
+    erasing = build_erasing(config, "cpu")
+    assert (erasing.probability, erasing.mode, erasing.max_count) == (0.25, "pixel", 1)
+    assert repr(erasing) == repr(release[-1])
 
 
 def test_release_rand_augment_survives_its_strongest_posterize() -> None:
@@ -204,10 +215,11 @@ def test_release_rand_augment_survives_its_strongest_posterize() -> None:
 def test_evaluation_transform_resizes_then_centre_crops(tmp_path: Path) -> None:
     config = load_config(str(REPO / "configs" / "imagenet1k" / "strip_mlp_tiny.yaml"))
     steps = build_transform(False, config).transforms
-    assert isinstance(steps[0], transforms.Resize) and steps[0].size == 256
-    assert isinstance(steps[1], transforms.CenterCrop) and steps[1].size == (224, 224)
+    assert steps[0] is decode_rgb and steps[-1] is to_uint8_tensor
+    assert isinstance(steps[1], transforms.Resize) and steps[1].size == 256
+    assert isinstance(steps[2], transforms.CenterCrop) and steps[2].size == (224, 224)
     no_crop = load_config(str(REPO / "configs" / "imagenet1k" / "strip_mlp_tiny.yaml"), ["TEST.CROP", "False"])
-    assert build_transform(False, no_crop).transforms[0].size == (224, 224)
+    assert build_transform(False, no_crop).transforms[1].size == (224, 224)
 
 
 def test_mixup_follows_the_aug_keys(image_folder: Callable) -> None:

@@ -35,7 +35,8 @@ export OMP_NUM_THREADS=1
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 
 if [ "$LAUNCH" = torchrun ]; then
-    HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    # sed reads the whole list: "head" would end the pipe early, and pipefail would stop the script.
+    HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
     GPUS=${SLURM_GPUS_ON_NODE:-8}
     # One torchrun per node; "exec" lets torchrun receive SLURM's signals and pass them to its processes.
     srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c 'exec python -m torch.distributed.run \
