@@ -3,6 +3,7 @@
 from .build import DATASETS, MIXUP_MODES, Loaders, build_dataset, build_loader, build_mixup
 from .datasets import DataError
 from .demo import make_demo_digits
+from .files import ImageFiles, find_images
 from .samplers import ShardSampler
 from .samples import BAD_IMAGE_POLICIES, Sample, SampleDataset
 from .transforms import INTERPOLATIONS, RANDOM_ERASING_MODES, build_transform
@@ -14,6 +15,7 @@ __all__ = [
     "MIXUP_MODES",
     "RANDOM_ERASING_MODES",
     "DataError",
+    "ImageFiles",
     "Loaders",
     "Sample",
     "SampleDataset",
@@ -22,5 +24,6 @@ __all__ = [
     "build_loader",
     "build_mixup",
     "build_transform",
+    "find_images",
     "make_demo_digits",
 ]
