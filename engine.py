@@ -375,7 +375,9 @@ def validate(model: nn.Module, loader: Iterable[Sample], settings: StepSettings,
     own_unreadable: list[str] = []
     # loss, top-1 correct, top-5 correct, images evaluated, images unreadable
     sums = torch.zeros(5, dtype=torch.float64, device=device)
-    for batch in loader:
+    progress = ProgressLine(settings.env.is_main)
+    for step, batch in enumerate(loader):
+        progress.update(f"Test: [{step}/{len(loader)}]")
         own_unreadable += unreadable.note(batch.bad, logger)
         readable = torch.tensor([not text for text in batch.bad], device=device)  # (B,)
         outputs = eval_logits(model, batch.image, settings)[readable]
@@ -391,6 +393,7 @@ def validate(model: nn.Module, loader: Iterable[Sample], settings: StepSettings,
             readable.sum().double(),
             (~readable).sum().double(),
         ])
+    progress.clear()
     loss_sum, correct1, correct5, count, unreadable_count = all_reduce_sum(sums, settings.env).tolist()
     unreadable_count = int(unreadable_count)
     unreadable.check(own_unreadable, unreadable_count, "validation")
