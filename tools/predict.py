@@ -7,7 +7,8 @@ PATH is an image file, a folder (searched recursively) or a glob. Images go thro
 transform in batches, exactly as ``main.py --eval`` sees them, so a folder's predictions are the ones its
 evaluation counts. Class names come from the checkpoint (training stores the dataset's); a 1000-class checkpoint
 without them (the release's) uses ImageNet-1K's names. A file that cannot be read is reported with its reason and
-the others are still predicted; the exit status is 1 only when no image could be predicted.
+the others are still predicted; the exit status is 1 only when no image could be predicted. Give the PATHs before
+``--opts``, which takes every word after it.
 """
 
 import argparse
