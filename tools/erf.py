@@ -25,12 +25,12 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from model_cli import add_model_arguments, device_of, load_model, run_tool  # puts the repository on the path
+from model_cli import add_model_arguments, device_of, run_tool  # puts the repository on the path
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from yacs.config import CfgNode
 
-from checkpoint import checkpoint_config, load_checkpoint_file
+from checkpoint import checkpoint_config, load_checkpoint_file, load_for_inference
 from config import load_config
 from data import build_dataset
 from logger import ProgressLine
@@ -93,7 +93,7 @@ def load_models(args: argparse.Namespace, device: torch.device) -> list[tuple[st
             seed_everything(config.SEED)
             models.append(("random (untrained)", config, build_model(config).to(device).eval()))
         else:
-            config, model, _ = load_model(entry, argparse.Namespace(**{**vars(args), "opts": opts}), device)
+            config, model, _ = load_for_inference(entry, args.cfg, opts, device)
             models.append(("/".join(Path(entry).parts[-3:]), config, model))
     return models
 
