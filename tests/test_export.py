@@ -54,8 +54,8 @@ def test_a_fixed_batch_is_fixed_in_the_onnx_graph(tiny_run: TinyRun, tmp_path: P
 def test_a_difference_above_the_tolerance_fails(tiny_run: TinyRun, tmp_path: Path, capsys, monkeypatch) -> None:
     real = export.load_exported
     monkeypatch.setattr(export, "load_exported", lambda *args: (lambda images: real(*args)(images) + 0.01))
-    output = tmp_path / "model.pt2"
-    assert export.main(["--resume", str(tiny_run.checkpoint), "--format", "exported", "--output", str(output)]) == 1
+    output = tmp_path / "model.ts"
+    assert export.main(["--resume", str(tiny_run.checkpoint), "--format", "torchscript", "--output", str(output)]) == 1
     captured = capsys.readouterr()
     assert "largest |logit difference| from PyTorch over batches of 1, 3: 0.01 " in captured.out
     assert captured.err.startswith("error: the exported model differs from PyTorch by 0.01, more than --tolerance")
