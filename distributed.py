@@ -135,6 +135,16 @@ def broadcast_object(obj: T, env: DistEnv) -> T:
     return holder[0]
 
 
+def gather_to_rank0(obj: T, env: DistEnv) -> list[T] | None:
+    """Every rank's ``obj`` as a list in rank order on rank 0 (pickled between this job's own processes); None on
+    the other ranks. Under NCCL the pickles pass through the device that ``init_distributed`` set."""
+    if not env.distributed:
+        return [obj]
+    gathered: list[Any] | None = [None] * env.world_size if env.is_main else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
 def on_rank0(fn: Callable[[], T], env: DistEnv) -> T:
     """Run ``fn`` on rank 0 only and return its result on every rank.
 

@@ -27,6 +27,7 @@ from yacs.config import CfgNode
 from data import DataError, Sample
 from distributed import DistEnv, all_reduce_sum
 from logger import ProgressLine
+from reports import ClassTally
 from utils import RunError, position_seed, seed_everything, unwrap_model
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -413,10 +414,19 @@ def train_one_epoch(
     return {**stats, "lr": state.optimizer.param_groups[0]["lr"], "epoch_time": epoch_time}
 
 
+def eval_logits(model: nn.Module, images: torch.Tensor, settings: StepSettings) -> torch.Tensor:
+    """The float32 logits (B, C) of a batch as evaluation computes them: on the device, in the configured memory
+    format and precision. The tools call it too, so that they predict what ``validate`` counts."""
+    images, _ = _to_device(images, torch.zeros(0), settings)
+    with torch.autocast(settings.env.device.type, dtype=settings.amp_dtype, enabled=settings.amp_enabled):
+        return model(images).float()
+
+
 @torch.no_grad()
 def validate(model: nn.Module, loader: Iterable[Sample], settings: StepSettings, logger: logging.Logger,
-             unreadable: UnreadableImages | None = None) -> dict[str, float]:
-    """Top-1/top-5 accuracy (%) and mean cross-entropy over the validation images that could be read.
+             unreadable: UnreadableImages | None = None, tally: ClassTally | None = None) -> dict[str, float]:
+    """Top-1/top-5 accuracy (%) and mean cross-entropy over the validation images that could be read; with a
+    ``tally``, also its per-class counts and the mean per-class accuracy (``mean_class_acc``).
 
     Each rank counts correct predictions, loss and images of its own shard; the counts are summed across
     ranks, so the result equals a single-process evaluation exactly (the validation shards cover each
@@ -433,13 +443,15 @@ def validate(model: nn.Module, loader: Iterable[Sample], settings: StepSettings,
     own_unreadable: list[str] = []
     # loss, top-1 correct, top-5 correct, images evaluated, images unreadable
     sums = torch.zeros(5, dtype=torch.float64, device=device)
-    for batch in loader:
+    progress = ProgressLine(settings.env.is_main)
+    for step, batch in enumerate(loader):
+        progress.update(f"Test: [{step}/{len(loader)}]")
         own_unreadable += unreadable.note(batch.bad, logger)
         readable = torch.tensor([not text for text in batch.bad], device=device)  # (B,)
-        images, targets = _to_device(batch.image, batch.target, settings)
-        with torch.autocast(device.type, dtype=settings.amp_dtype, enabled=settings.amp_enabled):
-            outputs = model(images)
-        outputs, targets = outputs.float()[readable], targets[readable]
+        outputs = eval_logits(model, batch.image, settings)[readable]
+        targets = batch.target.to(device, non_blocking=True)[readable]
+        if tally is not None:
+            tally.add(outputs, targets, batch.index.to(device)[readable])
         top = outputs.topk(min(5, outputs.shape[1]), dim=1).indices  # (B', k)
         correct = top.eq(targets[:, None])  # (B', k)
         sums += torch.stack([
@@ -449,6 +461,7 @@ def validate(model: nn.Module, loader: Iterable[Sample], settings: StepSettings,
             readable.sum().double(),
             (~readable).sum().double(),
         ])
+    progress.clear()
     loss_sum, correct1, correct5, count, unreadable_count = all_reduce_sum(sums, settings.env).tolist()
     unreadable_count = int(unreadable_count)
     unreadable.check(own_unreadable, unreadable_count, "validation")
@@ -458,6 +471,10 @@ def validate(model: nn.Module, loader: Iterable[Sample], settings: StepSettings,
     metrics = {"acc1": 100.0 * correct1 / count, "acc5": 100.0 * correct5 / count, "loss": loss_sum / count,
                "images": int(count), "unreadable_images": unreadable_count}
     logger.info(f" * Acc@1 {metrics['acc1']:.3f} Acc@5 {metrics['acc5']:.3f}")
+    if tally is not None:
+        tally.reduce(settings.env)
+        metrics["mean_class_acc"] = tally.mean_class_accuracy()
+        logger.info(f" * mean per-class Acc@1 {metrics['mean_class_acc']:.3f}")
     left_out = f" ({unreadable_count} unreadable images left out)" if unreadable_count else ""
     logger.info(f"validation loss {metrics['loss']:.4f} over {metrics['images']} images{left_out}")
     return metrics

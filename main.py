@@ -59,6 +59,7 @@ from logger import MetricsLog, close_logger, create_logger
 from lr_scheduler import build_scheduler, effective_learning_rates
 from models import build_model
 from optimizer import build_optimizer
+from reports import PER_CLASS_MAX_CLASSES, ClassTally, sample_names, write_reports
 from utils import RunError, seed_everything, unwrap_model
 
 
@@ -105,7 +106,12 @@ def evaluate_only(config: CfgNode, env: DistEnv, logger: logging.Logger) -> int:
         logger.info(f"loaded weights from {source}")
     forward_model = compile_model(model, inference_only=True) if config.COMPILE else model
     if config.EVAL_MODE:
-        validate(forward_model, loaders.loader_val, settings, logger, UnreadableImages(config.DATA.BAD_IMAGE))
+        tally = ClassTally(config.MODEL.NUM_CLASSES, env.device, keep_predictions=True)
+        validate(forward_model, loaders.loader_val, settings, logger, UnreadableImages(config.DATA.BAD_IMAGE), tally)
+        if env.is_main:
+            written = write_reports(Path(config.OUTPUT) / "eval", tally, loaders.dataset_val.classes,
+                                    sample_names(loaders.dataset_val), logger)
+            logger.info(f"evaluation reports: {', '.join(str(path) for path in written)}")
     else:
         throughput(forward_model, next(iter(loaders.loader_val))[0], settings, logger)
     return 0
@@ -197,10 +203,14 @@ def train(config: CfgNode, env: DistEnv, logger: logging.Logger, preemption: Pre
             if train_stats.pop("stopped_at") is not None:
                 return stop_for_preemption(env, logger)
             average_bn_statistics(state, config.TRAIN.SYNC_BN, env)
-            val_stats = validate(state.model, loaders.loader_val, settings, logger, unreadable)
+            tally = (ClassTally(config.MODEL.NUM_CLASSES, env.device)
+                     if config.MODEL.NUM_CLASSES < PER_CLASS_MAX_CLASSES else None)
+            val_stats = validate(state.model, loaders.loader_val, settings, logger, unreadable, tally)
             row = {"epoch": epoch, **train_stats, "val_loss": val_stats["loss"], "acc1": val_stats["acc1"],
                    "acc5": val_stats["acc5"], "val_images": val_stats["images"],
                    "val_unreadable_images": val_stats["unreadable_images"]}
+            if tally is not None:
+                row["mean_class_acc"] = val_stats["mean_class_acc"]
             if state.ema is not None:
                 ema_stats = validate(state.ema.module, loaders.loader_val, settings, logger, unreadable)
                 row.update(ema_acc1=ema_stats["acc1"], ema_acc5=ema_stats["acc5"], ema_val_loss=ema_stats["loss"])

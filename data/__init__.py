@@ -5,6 +5,7 @@ from .build import DATASETS, MIXUP_MODES, ZIP_DATASETS, Loaders, build_dataset, 
 from .datasets import DataError
 from .demo import make_demo_digits
 from .device import DeviceLoader, build_erasing
+from .files import ImageFiles, find_images
 from .samplers import ShardSampler, TrainSampler
 from .samples import BAD_IMAGE_POLICIES, Sample, SampleDataset, SampleKey
 from .transforms import INTERPOLATIONS, RANDOM_ERASING_MODES, build_transform
@@ -20,6 +21,7 @@ __all__ = [
     "ZIP_DATASETS",
     "DataError",
     "DeviceLoader",
+    "ImageFiles",
     "Loaders",
     "Sample",
     "SampleDataset",
@@ -32,5 +34,6 @@ __all__ = [
     "build_loader",
     "build_mixup",
     "build_transform",
+    "find_images",
     "make_demo_digits",
 ]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from utils import RunError
 
@@ -102,6 +103,12 @@ def image_folder_split(root: str, split: str, kind: str, transform: Callable | N
     try:
         return ImageFolder(path, transform=transform, loader=read_image)
     except FileNotFoundError as err:  # no class folders, or a class folder without images
+        flat = [name for name in os.listdir(path) if name.lower().endswith(IMG_EXTENSIONS)]
+        if kind == "imagenet" and flat:  # the official validation set comes as one flat folder
+            raise DataError(
+                f"imagenet: {path} holds {len(flat)} images directly instead of in class folders (the official "
+                f"validation set is flat); sort it with python tools/prepare_imagenet.py --val {path} --devkit "
+                "ILSVRC2012_devkit_t12.tar.gz (or --labels LOC_val_solution.csv)") from None
         raise DataError(f"{kind}: {path}: {str(err).rstrip('.')}; expected {layout}") from None
 
 

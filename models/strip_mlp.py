@@ -231,6 +231,12 @@ def _grn_factor(spatial_norm: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor
     return torch.addcmul(torch.ones_like(relative), gamma, relative)
 
 
+def _spatial_norm(z: torch.Tensor) -> torch.Tensor:
+    """||z|| over the spatial positions of z (N, H, W, K), in at least float32: (N, K)."""
+    # The square root of a sum of squares: several times faster than linalg.vector_norm over these dims.
+    return z.square().sum(dim=(1, 2)).to(torch.promote_types(z.dtype, torch.float32)).sqrt()
+
+
 class _GRNScaling(torch.autograd.Function):
     """z * s for z of shape (N, H, W, K) and GRN's factor s of z (see _grn_factor), gamma of shape (K,).
 
@@ -242,8 +248,7 @@ class _GRNScaling(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-        # The square root of a sum of squares: several times faster than linalg.vector_norm over these dims.
-        spatial_norm = z.square().sum(dim=(1, 2)).to(torch.promote_types(z.dtype, torch.float32)).sqrt()  # (N, K)
+        spatial_norm = _spatial_norm(z)
         factor = _grn_factor(spatial_norm, gamma)
         ctx.save_for_backward(z, gamma, spatial_norm, factor)
         return z * factor.to(z.dtype)[:, None, None, :]
@@ -278,7 +283,11 @@ class GRN(nn.Module):
 
     def scaled(self, x: torch.Tensor) -> torch.Tensor:
         """z * s, GRN without its shift beta: (N, H, W, K)."""
-        return _GRNScaling.apply(x, self.gamma.flatten())
+        if torch.is_grad_enabled():
+            return _GRNScaling.apply(x, self.gamma.flatten())
+        # Without gradients the same product in plain operations, which TorchScript can save (it cannot save a
+        # Python autograd function).
+        return x * _grn_factor(_spatial_norm(x), self.gamma.flatten()).to(x.dtype)[:, None, None, :]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.scaled(x) + self.beta

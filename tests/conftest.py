@@ -3,11 +3,13 @@
 import pickle
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from run_helpers import run_dir, write_config, write_image_folder
 
 # Copies of shared/spec's golden file (release weights, input, logits, pooled features) and the release's
 # state-dict names, kept with the tests so that they run, and never skip, wherever the repository is.
@@ -97,3 +99,24 @@ def caltech_source(tmp_path: Path) -> Callable[..., Path]:
         return root
 
     return make
+
+
+class TinyRun(NamedTuple):
+    """A trained model for the tools' tests: its data root (train/ and val/ of class_0..2), its run folder and the
+    checkpoint (which carries the config and the class names)."""
+
+    images: Path
+    run: Path
+    checkpoint: Path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
+    """A tiny model (32 px, embed 8, one block per stage) trained in-process for 2 epochs on 3 generated classes of
+    8 training and 5 validation images each; it learns them (100% on validation)."""
+    import main
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    images = write_image_folder(root / "images")
+    assert main.main(["--cfg", str(write_config(root / "config.yaml", images, root / "out"))]) == 0
+    return TinyRun(images, run_dir(root / "out"), run_dir(root / "out") / "best.pth")
