@@ -117,12 +117,9 @@ class StripMixingBlock(nn.Module):
 
         Channel c = p * G + g; the strip projections are grouped convolutions over G groups whose
         input channels are the W (H) tokens of a row (column), so the tokens are moved into the
-        channel dimension and back, in channels-last layouts (faster in oneDNN and cuDNN). The
-        tokens are copied into the projection's input layout first and the position term, laid out
-        alike, is added in place there: an addition that reads the transposed view directly is
-        twice as slow in bfloat16. The copies read the channels-last memory through its (N, H, W, C)
-        view, so that their gradients come back channels-last too; element-wise backward passes
-        that mix layouts are up to 10x slower.
+        channel dimension and back. The projections convolve channels-last layouts, the fastest in
+        oneDNN and cuDNN, and the copies read the activations through their (N, H, W, C) view so that
+        the gradients come back channels-last too.
         """
         n, c, h, w = x.shape
         g = self.chunk_channels
@@ -131,6 +128,7 @@ class StripMixingBlock(nn.Module):
         # under autocast the wide element-wise products stay in the low precision.
         pos_h = self.relate_pos_h().to(x.dtype).reshape(h, w, p, g).permute(2, 0, 3, 1).contiguous()  # (P, H, G, W)
         rows = x.permute(0, 2, 3, 1).reshape(n, h, w, p, g).permute(0, 3, 1, 4, 2)  # (N, P, H, G, W)
+        # Copy first, then add in place: an addition that reads the permuted view directly is slower.
         rows = rows.clone(memory_format=torch.contiguous_format).add_(pos_h)
         rows = self.proj_h(rows.reshape(n, p, h, g * w).permute(0, 3, 1, 2))  # (N, G*W, P, H)
         rows = rows.permute(0, 2, 3, 1).reshape(n, p, h, g, w).permute(0, 2, 4, 1, 3)  # (N, H, W, P, G)
@@ -155,7 +153,7 @@ class StripMixingBlock(nn.Module):
         pooled = (tall.sum(dim=(2, 3)) + wide.sum(dim=(2, 3)) + x.sum(dim=(2, 3))) / (h * w)  # (N, C)
         weights = self.reweight(pooled[:, :, None, None]).reshape(n, c, 3).softmax(dim=2)  # (N, C, 3)
         # Each branch's weights contiguous over channels, as the channels-last activations are: with a
-        # stride of 3 the broadcast products fall off the vectorised path (6x slower in bfloat16).
+        # stride of 3 the broadcast products fall off the vectorised path.
         weights = weights.transpose(1, 2).to(x.dtype).contiguous()[..., None, None]  # (N, 3, C, 1, 1)
         mixed = torch.addcmul(tall * weights[:, 0], wide, weights[:, 1])
         return torch.addcmul(mixed, x, weights[:, 2])
