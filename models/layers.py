@@ -75,7 +75,7 @@ class WideDepthwiseConv2d(nn.Conv2d):
 
 class PointwiseLinear(nn.Linear):
     """`nn.Linear` over the channels of (N, H, W, C) activations that are a view of channels-last
-    (N, C, H, W) memory, run as a 1x1 convolution: oneDNN's is faster than the matmul of `F.linear`.
+    (N, C, H, W) memory, run as a 1x1 convolution: on the CPU oneDNN runs it faster than `F.linear`.
 
     `input_shift` (C,) adds a constant to every input token at no cost over the activations:
     W (x + s) + b = W x + (W s + b), computed once per batch.

@@ -191,7 +191,7 @@ class ChannelMixing(nn.Module):
         x = self.conv_77(x)
         x = self.layer_norm(x.permute(0, 2, 3, 1))  # (N, H, W, D)
         x = self.fc1(x)  # (N, H, W, K)
-        x = self.act(x)
+        x = self.act(x)  # on a contiguous tensor, so that PyTorch runs oneDNN's GELU on the CPU
         x = self.grn.scaled(x)  # GRN without its shift beta, which fc2 adds through its bias
         x = self.fc2(x, input_shift=self.grn.beta)  # (N, H, W, D)
         return x.permute(0, 3, 1, 2)  # (N, D, H, W)
