@@ -7,73 +7,21 @@ block, the network, weight loading, then the four released variants.
 Parameter and buffer names are the release's, so its checkpoints load with `strict=True`. The
 release's model defects are fixed here: drop path follows the configuration (rate and schedule),
 channels_last inputs work, relative-position indices are built once on the model's device, the
-GRN is sized alpha x D, and the model runs on CPU as well as CUDA.
+GRN is sized alpha x D, and the model runs on CPU as well as CUDA. Faster stand-ins for standard
+layers (with the same parameter names) and the activation-checkpointing helper are in `layers.py`.
 """
 
-import contextlib
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+
+from .layers import GRN, PointwiseLinear, WideDepthwiseConv2d, channels_last_nchw, checkpointed
 
 DROP_PATH_SCHEDULES = ("uniform", "linear")
-
-
-def _channels_last(x: torch.Tensor) -> torch.Tensor:
-    """(N, H, W, *C) in any layout -> (N, C, H, W) with channels-last memory (one copy at most)."""
-    n, h, w = x.shape[:3]
-    return x.reshape(n, h, w, -1).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
-
-
-class _WideDepthwiseConv(torch.autograd.Function):
-    """A bias-free, stride-1 depthwise convolution with "same" padding, whose backward pass avoids
-    oneDNN's slow paths for kernels wider than 3 on the CPU.
-
-    There oneDNN's backward of such a convolution is 4-8 times slower than its forward (7x7 at 56x56
-    on a 2-core AVX-512 machine: 33 ms against 4 ms), while forward convolutions and weight gradients
-    of kernels 3 wide are fast. So the input gradient is the forward convolution of the output
-    gradient with the flipped kernel, and the weight gradient is assembled from windows 3 kernel
-    columns wide: column j correlates the input shifted by j - kw // 2 columns with the output
-    gradient, so the window starting at column s is the weight gradient of a (kh, 3) convolution
-    over the input padded by kw // 2 and cut at s.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.padding = padding
-        return F.conv2d(x, weight, None, 1, padding, 1, x.shape[1])
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
-        x, weight = ctx.saved_tensors
-        channels, _, kh, kw = weight.shape
-        # Under autocast the forward ran in the gradient's precision; so does the backward.
-        grad_x = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            flipped = weight.to(grad.dtype).flip(2, 3)
-            grad_x = F.conv2d(grad, flipped, None, 1, ctx.padding, 1, channels).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            padded = F.pad(x.to(grad.dtype), (kw // 2, kw // 2))  # (N, C, H, W + kw - 1)
-            width = x.shape[-1] + 2  # a 3-wide window over this many columns yields W outputs
-            windows = [torch.nn.grad.conv2d_weight(padded[..., start:start + width], (channels, 1, kh, 3), grad,
-                                                   1, (ctx.padding[0], 0), 1, channels)
-                       for start in range(0, kw - 1, 2)]  # each (C, 1, kh, 3); neighbours share one column
-            grad_weight = torch.cat([windows[0]] + [w[..., 1:] for w in windows[1:]], dim=-1).to(weight.dtype)
-        return grad_x, grad_weight, None
-
-
-def depthwise_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """`conv(x)` for a bias-free depthwise convolution with "same" padding, with a fast weight
-    gradient on the CPU for kernels wider than 3 (see _WideDepthwiseConv)."""
-    if x.device.type == "cpu" and conv.kernel_size[1] > 3 and torch.is_grad_enabled():
-        return _WideDepthwiseConv.apply(x, conv.weight, conv.padding)
-    return conv(x)
 
 
 def strip_chunks(channels: int) -> int:
@@ -150,7 +98,7 @@ class StripMixingBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Conv2d(channels, channels, 1), nn.BatchNorm2d(channels), nn.GELU())
 
         # LSMM: local strips of 7x3 and 3x7, reweighted per channel by a squeeze-excite style MLP.
-        self.fc_h = nn.Conv2d(half, half, (3, 7), padding=(1, 3), groups=half, bias=False)
+        self.fc_h = WideDepthwiseConv2d(half, (3, 7))
         self.fc_w = nn.Conv2d(half, half, (7, 3), padding=(3, 1), groups=half, bias=False)
         self.reweight = Mlp(half, half // 2, half * 3, use_conv=True)
 
@@ -169,24 +117,22 @@ class StripMixingBlock(nn.Module):
 
         Channel c = p * G + g; the strip projections are grouped convolutions over G groups whose
         input channels are the W (H) tokens of a row (column), so the tokens are moved into the
-        channel dimension and back, in channels-last layouts (faster in oneDNN and cuDNN). The
-        tokens are copied into the projection's input layout first and the position term, laid out
-        alike, is added in place there: an addition that reads the transposed view directly is
-        twice as slow in bfloat16. The copies read the channels-last memory through its (N, H, W, C)
-        view, so that their gradients come back channels-last too; element-wise backward passes
-        that mix layouts are up to 10x slower.
+        channel dimension and back. The projections convolve channels-last layouts, the fastest in
+        oneDNN and cuDNN, and the copies read the activations through their (N, H, W, C) view so that
+        the gradients come back channels-last too.
         """
         n, c, h, w = x.shape
         g = self.chunk_channels
         p = c // g
-        # Position terms, mixing weights and GRN scales are cast to the activations' dtype so that
+        # Position terms and mixing weights are cast to the activations' dtype so that
         # under autocast the wide element-wise products stay in the low precision.
         pos_h = self.relate_pos_h().to(x.dtype).reshape(h, w, p, g).permute(2, 0, 3, 1).contiguous()  # (P, H, G, W)
         rows = x.permute(0, 2, 3, 1).reshape(n, h, w, p, g).permute(0, 3, 1, 4, 2)  # (N, P, H, G, W)
+        # Copy first, then add in place: an addition that reads the permuted view directly is slower.
         rows = rows.clone(memory_format=torch.contiguous_format).add_(pos_h)
         rows = self.proj_h(rows.reshape(n, p, h, g * w).permute(0, 3, 1, 2))  # (N, G*W, P, H)
         rows = rows.permute(0, 2, 3, 1).reshape(n, p, h, g, w).permute(0, 2, 4, 1, 3)  # (N, H, W, P, G)
-        rows = _channels_last(rows)  # (N, C, H, W)
+        rows = channels_last_nchw(rows)  # (N, C, H, W)
 
         cols = self.act(self.BN(self.fuse_h(torch.cat([rows, x], dim=1))))
         pos_w = self.relate_pos_w().to(x.dtype).reshape(h, w, p, g).permute(2, 1, 3, 0).contiguous()  # (P, W, G, H)
@@ -194,20 +140,20 @@ class StripMixingBlock(nn.Module):
         cols = cols.clone(memory_format=torch.contiguous_format).add_(pos_w)
         cols = self.proj_w(cols.reshape(n, p, w, g * h).permute(0, 3, 1, 2))  # (N, G*H, P, W)
         cols = cols.permute(0, 2, 3, 1).reshape(n, p, w, g, h).permute(0, 4, 2, 1, 3)  # (N, H, W, P, G)
-        return self.fuse_w(torch.cat([x, _channels_last(cols)], dim=1))
+        return self.fuse_w(torch.cat([x, channels_last_nchw(cols)], dim=1))
 
     def lsmm(self, x: torch.Tensor) -> torch.Tensor:
         """Local strip mixing: a 7x3 and a 3x7 depthwise strip, and the identity, blended with
         per-channel softmax weights computed from their pooled sum."""
         n, c, h, w = x.shape
         tall = self.fc_w(x)  # 7 high, 3 wide
-        wide = depthwise_conv(x, self.fc_h)  # 3 high, 7 wide
+        wide = self.fc_h(x)  # 3 high, 7 wide
         # Sums, then one division on (N, C): mean's backward would materialise its broadcast gradient in
         # NCHW order, and adding that to the channels-last gradients is slow; sum's stays a broadcast view.
         pooled = (tall.sum(dim=(2, 3)) + wide.sum(dim=(2, 3)) + x.sum(dim=(2, 3))) / (h * w)  # (N, C)
         weights = self.reweight(pooled[:, :, None, None]).reshape(n, c, 3).softmax(dim=2)  # (N, C, 3)
         # Each branch's weights contiguous over channels, as the channels-last activations are: with a
-        # stride of 3 the broadcast products fall off the vectorised path (6x slower in bfloat16).
+        # stride of 3 the broadcast products fall off the vectorised path.
         weights = weights.transpose(1, 2).to(x.dtype).contiguous()[..., None, None]  # (N, 3, C, 1, 1)
         mixed = torch.addcmul(tall * weights[:, 0], wide, weights[:, 1])
         return torch.addcmul(mixed, x, weights[:, 2])
@@ -225,99 +171,30 @@ class TokenMixing(nn.Module):
         return self.smlp_block(self.dwsc(x))
 
 
-def _grn_factor(spatial_norm: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    """GRN's per-sample, per-channel factor s = 1 + gamma * r, r = ||z|| / (mean over channels + 1e-6): (N, K)."""
-    relative = spatial_norm / (spatial_norm.mean(dim=-1, keepdim=True) + 1e-6)
-    return torch.addcmul(torch.ones_like(relative), gamma, relative)
-
-
-def _spatial_norm(z: torch.Tensor) -> torch.Tensor:
-    """||z|| over the spatial positions of z (N, H, W, K), in at least float32: (N, K)."""
-    # The square root of a sum of squares: several times faster than linalg.vector_norm over these dims.
-    return z.square().sum(dim=(1, 2)).to(torch.promote_types(z.dtype, torch.float32)).sqrt()
-
-
-class _GRNScaling(torch.autograd.Function):
-    """z * s for z of shape (N, H, W, K) and GRN's factor s of z (see _grn_factor), gamma of shape (K,).
-
-    The backward is written out because autograd's makes five passes over z-sized tensors (the
-    product's two gradients, the square's, and the sum of the two gradients of z); this one makes
-    three: the reduction of g * z that gives the factor's gradient, and dz = g * s + z * c, where c,
-    like every other quantity here, is a small (N, K) tensor.
-    """
-
-    @staticmethod
-    def forward(ctx, z: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-        spatial_norm = _spatial_norm(z)
-        factor = _grn_factor(spatial_norm, gamma)
-        ctx.save_for_backward(z, gamma, spatial_norm, factor)
-        return z * factor.to(z.dtype)[:, None, None, :]
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z, gamma, spatial_norm, factor = ctx.saved_tensors
-        channels = spatial_norm.shape[-1]
-        shifted_mean = spatial_norm.mean(dim=-1, keepdim=True) + 1e-6  # (N, 1)
-        grad_factor = (grad * z).sum(dim=(1, 2)).to(factor.dtype)  # (N, K)
-        grad_gamma = (grad_factor * spatial_norm / shifted_mean).sum(dim=0)  # (K,)
-        grad_relative = grad_factor * gamma
-        # r_k = n_k / (mean(n) + eps): each n_j also moves the mean.
-        grad_norm = (grad_relative / shifted_mean
-                     - (grad_relative * spatial_norm).sum(dim=-1, keepdim=True) / (shifted_mean ** 2 * channels))
-        coefficient = torch.where(spatial_norm > 0, grad_norm / spatial_norm, 0.0)  # d||z||/dz = z / ||z||
-        grad_z = torch.addcmul(grad * factor.to(grad.dtype)[:, None, None, :], z,
-                               coefficient.to(z.dtype)[:, None, None, :])
-        return grad_z, grad_gamma.to(gamma.dtype)
-
-
-class GRN(nn.Module):
-    """Global response normalisation (ConvNeXt V2) over channels-last input z of shape (N, H, W, K):
-    out = gamma * (z * m) + beta + z, with m the spatial L2 norm of z relative to its channel mean.
-    GRN is affine per sample, GRN(z) = z * s + beta, so callers can fold beta into what follows.
-    """
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.gamma = nn.Parameter(torch.zeros(1, 1, 1, channels))
-        self.beta = nn.Parameter(torch.zeros(1, 1, 1, channels))
-
-    def scaled(self, x: torch.Tensor) -> torch.Tensor:
-        """z * s, GRN without its shift beta: (N, H, W, K)."""
-        if torch.is_grad_enabled():
-            return _GRNScaling.apply(x, self.gamma.flatten())
-        # Without gradients the same product in plain operations, which TorchScript can save (it cannot save a
-        # Python autograd function).
-        return x * _grn_factor(_spatial_norm(x), self.gamma.flatten()).to(x.dtype)[:, None, None, :]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scaled(x) + self.beta
-
-
 class ChannelMixing(nn.Module):
     """Depthwise 7x7 convolution, LayerNorm, then an alpha-times-wide MLP with GRN.
 
-    Activations stay channels-last, so LayerNorm sees contiguous channels and fc1/fc2 run as
-    1x1 convolutions (oneDNN on CPU) on the `nn.Linear` weights the checkpoints hold. GRN is affine
-    per sample, GRN(z) = z * s + beta, so beta folds into fc2's bias and only the scaling remains.
+    As in the specification, LayerNorm and the MLP see the activations as (N, H, W, D), here a view
+    of their channels-last memory; fc1 and fc2 compute their `nn.Linear` as 1x1 convolutions.
     """
 
     def __init__(self, channels: int, alpha: int) -> None:
         super().__init__()
-        self.conv_77 = nn.Conv2d(channels, channels, 7, padding=3, groups=channels, bias=False)
+        self.conv_77 = WideDepthwiseConv2d(channels, (7, 7))
         self.layer_norm = nn.LayerNorm(channels)
-        self.fc1 = nn.Linear(channels, alpha * channels)
+        self.fc1 = PointwiseLinear(channels, alpha * channels)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(alpha * channels, channels)
+        self.fc2 = PointwiseLinear(alpha * channels, channels)
         self.grn = GRN(alpha * channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = depthwise_conv(x, self.conv_77)
-        x = self.layer_norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # normalised over D, (N, D, H, W)
-        hidden = self.act(F.conv2d(x, self.fc1.weight[:, :, None, None], self.fc1.bias))  # (N, K, H, W)
-        scaled = self.grn.scaled(hidden.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (N, K, H, W)
-        # W beta + b costs K x D once per batch, independent of the images.
-        bias = torch.addmv(self.fc2.bias, self.fc2.weight, self.grn.beta.flatten())  # (D,)
-        return F.conv2d(scaled, self.fc2.weight[:, :, None, None], bias)
+        x = self.conv_77(x)
+        x = self.layer_norm(x.permute(0, 2, 3, 1))  # (N, H, W, D)
+        x = self.fc1(x)  # (N, H, W, K)
+        x = self.act(x)  # on a contiguous tensor, so that PyTorch runs oneDNN's GELU on the CPU
+        x = self.grn.scaled(x)  # GRN without its shift beta, which fc2 adds through its bias
+        x = self.fc2(x, input_shift=self.grn.beta)  # (N, H, W, D)
+        return x.permute(0, 3, 1, 2)  # (N, D, H, W)
 
 
 class BasicBlock(nn.Module):
@@ -332,30 +209,6 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.token_mixing(x))
         return x + self.drop_path(self.channel_mixing(x))
-
-
-class _FreezeBatchNormStats:
-    """Context for the recomputation of a checkpointed block: BatchNorm layers already updated
-    their running statistics in the first forward, so the recomputation must leave them alone."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-    def __enter__(self) -> None:
-        self.saved = [(m.momentum, m.num_batches_tracked.clone()) for m in self.norms]
-        for m in self.norms:
-            m.momentum = 0.0
-
-    def __exit__(self, *exc) -> None:
-        for m, (momentum, tracked) in zip(self.norms, self.saved, strict=True):
-            m.momentum = momentum
-            m.num_batches_tracked.copy_(tracked)
-
-
-def _checkpointed(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Run a block under activation checkpointing, with BatchNorm statistics updated once."""
-    return checkpoint(
-        block, x, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), _FreezeBatchNormStats(block)))
 
 
 class StripMLPNet(nn.Module):
@@ -452,7 +305,7 @@ class StripMLPNet(nn.Module):
     def _run_stage(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
         for block in blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = _checkpointed(block, x)
+                x = checkpointed(block, x)
             else:
                 x = block(x)
         return x

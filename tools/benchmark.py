@@ -15,12 +15,19 @@ its peak RSS on CPU, the peak of the caching allocator on CUDA.
 """
 
 import argparse
+import atexit
 import csv
-import importlib.util
+import functools
+import importlib
+import io
 import json
 import multiprocessing
+import re
+import shutil
 import subprocess
 import sys
+import tarfile
+import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import ModuleType
@@ -35,7 +42,8 @@ sys.path.insert(0, str(ROOT))
 from engine import compile_model, images_per_second, peak_memory_mb, time_paired  # noqa: E402  (the repository is on the path only now)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-MODEL_FILE = "models/strip_mlp.py"
+MODEL_PACKAGE = "models"
+MODEL_FILE = f"{MODEL_PACKAGE}/strip_mlp.py"
 
 
 @dataclass(frozen=True)
@@ -51,25 +59,35 @@ class Setting:
     device: str
 
 
+@functools.cache
 def load_implementation(revision: str | None) -> ModuleType:
-    """The current model module, or the model file as it was at a git revision.
+    """The current model module, or the model package as it was at a git revision.
 
-    The old file is executed as a module of its own; its `@register_model` decorators are made
-    inert meanwhile so that timm's registry keeps pointing at the current implementation.
+    The revision's `models/` folder is extracted to a temporary folder and imported as a package
+    of its own, so that the model file's relative imports (e.g. `models/layers.py`) come from the
+    same revision. Its `@register_model` decorators are made inert meanwhile so that timm's
+    registry keeps pointing at the current implementation.
     """
     if revision is None:
         from models import strip_mlp
         return strip_mlp
+    git = ["git", "-C", str(ROOT)]
     try:
-        source = subprocess.run(["git", "-C", str(ROOT), "show", f"{revision}:{MODEL_FILE}"],
-                                check=True, capture_output=True, text=True).stdout
+        subprocess.run([*git, "cat-file", "-e", f"{revision}:{MODEL_FILE}"], check=True, capture_output=True)
+        archive = subprocess.run([*git, "archive", revision, MODEL_PACKAGE], check=True, capture_output=True).stdout
     except subprocess.CalledProcessError as error:
-        raise SystemExit(f"error: cannot read {MODEL_FILE} at revision {revision!r}: {error.stderr.strip()}") from None
-    name = f"strip_mlp_at_{revision.replace('~', '_').replace('^', '_')}"
-    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader=None))
+        raise SystemExit(
+            f"error: cannot read {MODEL_FILE} at revision {revision!r}: {error.stderr.decode().strip()}") from None
+    folder = Path(tempfile.mkdtemp(prefix="strip_mlp_baseline_"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(folder, filter="data")
+    name = "models_at_" + re.sub(r"\W", "_", revision)
+    package = ModuleType(name)
+    package.__path__ = [str(folder / MODEL_PACKAGE)]  # a namespace: the revision's __init__ is not run
+    sys.modules[name] = package
     with mock.patch("timm.models.register_model", lambda fn: fn):
-        exec(compile(source, f"{revision}:{MODEL_FILE}", "exec"), module.__dict__)
-    return module
+        return importlib.import_module(f"{name}.strip_mlp")
 
 
 def build(module: ModuleType, setting: Setting) -> torch.nn.Module:
