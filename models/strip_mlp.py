@@ -86,25 +86,24 @@ class StripMixingBlock(nn.Module):
         self.chunk_channels = half // strip_chunks(channels)  # G in the specification
         strip_features = self.chunk_channels * resolution
 
-        # Registration order follows the release so that state dicts list names in its order.
-        # CGSMM: grouped convolutions mixing whole rows (proj_h) and columns (proj_w).
-        self.BN = nn.BatchNorm2d(half)
-        self.act = nn.GELU()
-        self.proj_h = nn.Conv2d(strip_features, strip_features, (1, 3), padding=(0, 1), groups=self.chunk_channels)
-        self.proj_w = nn.Conv2d(strip_features, strip_features, (1, 3), padding=(0, 1), groups=self.chunk_channels)
-        self.fuse_h = nn.Conv2d(channels, half, 1, bias=False)
-        self.fuse_w = nn.Conv2d(channels, half, 1, bias=False)
-
         self.mlp = nn.Sequential(nn.Conv2d(channels, channels, 1), nn.BatchNorm2d(channels), nn.GELU())
 
+        # CGSMM: grouped convolutions mixing whole rows (proj_h) and columns (proj_w).
+        self.relate_pos_h = RelativePosition(half, resolution)
+        self.proj_h = nn.Conv2d(strip_features, strip_features, (1, 3), padding=(0, 1), groups=self.chunk_channels)
+        self.fuse_h = nn.Conv2d(channels, half, 1, bias=False)
+        self.BN = nn.BatchNorm2d(half)
+        self.act = nn.GELU()
+        self.relate_pos_w = RelativePosition(half, resolution)
+        self.proj_w = nn.Conv2d(strip_features, strip_features, (1, 3), padding=(0, 1), groups=self.chunk_channels)
+        self.fuse_w = nn.Conv2d(channels, half, 1, bias=False)
+
         # LSMM: local strips of 7x3 and 3x7, reweighted per channel by a squeeze-excite style MLP.
-        self.fc_h = WideDepthwiseConv2d(half, (3, 7))
         self.fc_w = nn.Conv2d(half, half, (7, 3), padding=(3, 1), groups=half, bias=False)
+        self.fc_h = WideDepthwiseConv2d(half, (3, 7))
         self.reweight = Mlp(half, half // 2, half * 3, use_conv=True)
 
         self.fuse = nn.Conv2d(channels, channels, 1, bias=False)
-        self.relate_pos_h = RelativePosition(half, resolution)
-        self.relate_pos_w = RelativePosition(half, resolution)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.mlp(x)
@@ -164,8 +163,8 @@ class TokenMixing(nn.Module):
 
     def __init__(self, channels: int, resolution: int) -> None:
         super().__init__()
-        self.smlp_block = StripMixingBlock(channels, resolution)
         self.dwsc = DepthwiseConv(channels)
+        self.smlp_block = StripMixingBlock(channels, resolution)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.smlp_block(self.dwsc(x))
@@ -184,8 +183,8 @@ class ChannelMixing(nn.Module):
         self.layer_norm = nn.LayerNorm(channels)
         self.fc1 = PointwiseLinear(channels, alpha * channels)
         self.act = nn.GELU()
-        self.fc2 = PointwiseLinear(alpha * channels, channels)
         self.grn = GRN(alpha * channels)
+        self.fc2 = PointwiseLinear(alpha * channels, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_77(x)
@@ -275,17 +274,18 @@ class StripMLPNet(nn.Module):
             start = sum(layers[:i])
             stages.append(nn.ModuleList(
                 BasicBlock(embed_dim * 2 ** i, resolution // 2 ** i, alpha, rates[start + j]) for j in range(depth)))
-        self.blocks1, self.blocks2, self.blocks3, self.blocks4 = stages
-
+        self.blocks1 = stages[0]
         self.merging1 = nn.Conv2d(embed_dim, embed_dim * 2, 2, 2, bias=False)
-        self.merging2 = nn.Conv2d(embed_dim * 2, embed_dim * 4, 2, 2, bias=False)
-        self.merging3 = nn.Conv2d(embed_dim * 4, embed_dim * 8, 2, 2, bias=False)
         self.conv_s1_28 = nn.Conv2d(embed_dim * 2, embed_dim * 4, 2, 2, groups=embed_dim * 2, bias=False)
         self.conv_s1_14 = nn.Conv2d(embed_dim * 4, embed_dim * 8, 2, 2, groups=embed_dim * 4, bias=False)
+        self.blocks2 = stages[1]
+        self.merging2 = nn.Conv2d(embed_dim * 2, embed_dim * 4, 2, 2, bias=False)
         self.conv_s2_14 = nn.Conv2d(embed_dim * 4, embed_dim * 8, 2, 2, groups=embed_dim * 4, bias=False)
-
-        self.head = nn.Linear(self.num_features, num_classes)
+        self.blocks3 = stages[2]
+        self.merging3 = nn.Conv2d(embed_dim * 4, embed_dim * 8, 2, 2, bias=False)
+        self.blocks4 = stages[3]
         self.norm = nn.BatchNorm2d(self.num_features)
+        self.head = nn.Linear(self.num_features, num_classes)
 
     @torch.jit.ignore
     def no_weight_decay_keywords(self) -> set[str]:
