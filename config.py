@@ -20,7 +20,7 @@ from data import BAD_IMAGE_POLICIES, CACHE_MODES, DATASETS, INTERPOLATIONS, MIXU
 from distributed import DEVICES
 from engine import AMP_DTYPES
 from lr_scheduler import LR_SCALINGS, SCHEDULERS
-from models import DROP_PATH_SCHEDULES
+from models import ARCHITECTURE_KEYS, DROP_PATH_SCHEDULES, check_architecture
 from optimizer import OPTIMIZERS
 from utils import RunError
 
@@ -86,7 +86,7 @@ def default_config() -> CN:
     c.MODEL.PRETRAINED = ""  # weights to start from (model weights only, e.g. the release's checkpoints)
     c.MODEL.RESUME = ""  # checkpoint to resume training from (model, optimiser, scheduler, epoch)
     c.MODEL.NUM_CLASSES = 1000  # classifier outputs; must equal the class count found in the data
-    c.MODEL.DROP_RATE = 0.0  # release key kept for its configs; the Strip-MLP network does not use it
+    c.MODEL.DROP_RATE = 0.0  # dropout before the head (the release stated values but its network never applied them)
     c.MODEL.DROP_PATH_RATE = 0.1  # stochastic-depth rate
     c.MODEL.DROP_PATH_SCHEDULE = "uniform"  # "uniform": every block gets DROP_PATH_RATE (as the release);
     # "linear": rises from 0 at the first block to DROP_PATH_RATE at the last
@@ -281,15 +281,11 @@ def _merge_file(config: CN, path: str, chain: tuple[str, ...] = ()) -> None:
 def _check_consistency(config: CN) -> None:
     """Checks that involve several keys, run once everything is merged."""
     strip = config.MODEL.STRIP_MLP
-    if not strip.LAYERS or min(strip.LAYERS) < 1:
-        raise ConfigError(f"MODEL.STRIP_MLP.LAYERS needs one or more stages of at least one block, got {strip.LAYERS}")
-    # The stem divides the image by PATCH_SIZE and each later stage halves it again.
-    stride = strip.PATCH_SIZE * 2 ** (len(strip.LAYERS) - 1)
-    if config.DATA.IMG_SIZE % stride:
-        raise ConfigError(
-            f"DATA.IMG_SIZE {config.DATA.IMG_SIZE} must be a multiple of {stride} "
-            f"(MODEL.STRIP_MLP.PATCH_SIZE {strip.PATCH_SIZE} x 2^{len(strip.LAYERS) - 1} stage downsamplings)"
-        )
+    try:  # the network's own rule, named by the keys that set it
+        check_architecture(ARCHITECTURE_KEYS, img_size=config.DATA.IMG_SIZE, patch_size=strip.PATCH_SIZE,
+                           embed_dim=strip.EMBED_DIM, layers=strip.LAYERS)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     positive = {
         "DATA.BATCH_SIZE": config.DATA.BATCH_SIZE,
         "DATA.IMG_SIZE": config.DATA.IMG_SIZE,

@@ -11,7 +11,7 @@ GRN is sized alpha x D, and the model runs on CPU as well as CUDA. Faster stand-
 layers (with the same parameter names) and the activation-checkpointing helper are in `layers.py`.
 """
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -210,6 +210,34 @@ class BasicBlock(nn.Module):
         return x + self.drop_path(self.channel_mixing(x))
 
 
+def check_architecture(names: Mapping[str, str] | None = None, **arguments: int | Sequence[int]) -> None:
+    """Refuse arguments the network cannot be built with: the four stages, the stem's patch of 4, an input
+    size divisible by the total stride 32, and stage widths that the strip mixing can split.
+
+    Args:
+        names: what to call each argument in the message (the config names its keys); the keyword by default.
+        arguments: ``img_size``, ``patch_size``, ``embed_dim`` and ``layers``.
+
+    Raises:
+        ValueError: naming the argument, the value and what would do.
+    """
+    names = {key: (names or {}).get(key, key) for key in arguments}
+    img_size, patch_size, embed_dim, layers = (arguments[key] for key in ("img_size", "patch_size", "embed_dim",
+                                                                           "layers"))
+    if len(layers) != 4 or min(layers) < 1:
+        raise ValueError(f"{names['layers']} must give 4 stage depths of at least one block, got {list(layers)}")
+    if patch_size != 4:
+        raise ValueError(f"{names['patch_size']} {patch_size} is not supported; the network downsamples by 4 x 8 = 32")
+    if img_size % 32 != 0:
+        raise ValueError(f"{names['img_size']} {img_size} must be a multiple of 32 (the stem's 4 x 2^3 stage "
+                         f"downsamplings); use e.g. {max(32, img_size // 32 * 32)}")
+    for channels in (embed_dim, 2 * embed_dim, 4 * embed_dim, 8 * embed_dim):
+        if channels % (2 * strip_chunks(channels)) != 0:
+            raise ValueError(
+                f"{names['embed_dim']} {embed_dim} cannot be split by the strip mixing: stage width {channels} must "
+                f"be divisible by {2 * strip_chunks(channels)}; use a multiple of 8 such as {embed_dim // 8 * 8 or 8}")
+
+
 class StripMLPNet(nn.Module):
     """Strip-MLP: four stages of BasicBlocks with convolutional patch merging and cross-stage skips.
 
@@ -222,6 +250,7 @@ class StripMLPNet(nn.Module):
         embed_dim: Channels E of stage 1; stages have E, 2E, 4E, 8E.
         layers: Blocks per stage.
         alpha: Expansion ratio of the ChannelMixing MLP (the release's checkpoints need 3).
+        drop_rate: Dropout on the pooled features before the head (timm's convention; the release has none).
         drop_path_rate: Stochastic-depth rate.
         drop_path_schedule: "uniform" gives every block `drop_path_rate` (the release's behaviour);
             "linear" rises from 0 to `drop_path_rate` over depth (timm and Swin).
@@ -237,22 +266,13 @@ class StripMLPNet(nn.Module):
             embed_dim: int = 80,
             layers: tuple[int, ...] = (2, 2, 12, 2),
             alpha: int = 3,
+            drop_rate: float = 0.0,
             drop_path_rate: float = 0.1,
             drop_path_schedule: str = "uniform",
             use_checkpoint: bool = False,
     ) -> None:
         super().__init__()
-        if img_size % 32 != 0:
-            raise ValueError(f"image size {img_size} is not divisible by 32; use e.g. {max(32, img_size // 32 * 32)}")
-        if patch_size != 4:
-            raise ValueError(f"patch_size {patch_size} is not supported; the network downsamples by 4 x 8 = 32")
-        if len(layers) != 4:
-            raise ValueError(f"layers must give 4 stage depths, got {tuple(layers)}")
-        for channels in (embed_dim, 2 * embed_dim, 4 * embed_dim, 8 * embed_dim):
-            if channels % (2 * strip_chunks(channels)) != 0:
-                raise ValueError(
-                    f"embed_dim {embed_dim} cannot be split by the strip mixing: stage width {channels} must be "
-                    f"divisible by {2 * strip_chunks(channels)}; use a multiple of 8 such as {embed_dim // 8 * 8 or 8}")
+        check_architecture(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, layers=layers)
         if drop_path_schedule not in DROP_PATH_SCHEDULES:
             raise ValueError(
                 f"unknown drop path schedule {drop_path_schedule!r}; valid: {', '.join(DROP_PATH_SCHEDULES)}")
@@ -285,6 +305,7 @@ class StripMLPNet(nn.Module):
         self.merging3 = nn.Conv2d(embed_dim * 4, embed_dim * 8, 2, 2, bias=False)
         self.blocks4 = stages[3]
         self.norm = nn.BatchNorm2d(self.num_features)
+        self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes)
 
     @torch.jit.ignore
@@ -329,7 +350,7 @@ class StripMLPNet(nn.Module):
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean(dim=(2, 3))  # (N, 8E)
+        x = self.head_drop(x.mean(dim=(2, 3)))  # (N, 8E)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 from run_helpers import run_dir, write_config, write_image_folder
 
+from models import StripMLPNet
+
 # Copies of shared/spec's golden file (release weights, input, logits, pooled features) and the release's
 # state-dict names, kept with the tests so that they run, and never skip, wherever the repository is.
 GOLDEN_FILE = Path(__file__).resolve().parent / "data" / "golden_strip_mlp_e40.pt"
@@ -21,6 +23,21 @@ RELEASE_NAMES_FILE = Path(__file__).resolve().parent / "data" / "official_state_
 def golden() -> dict:
     """{'config', 'state_dict', 'input', 'logits', 'pooled_features'} of the release's e40 model."""
     return torch.load(GOLDEN_FILE, weights_only=True)
+
+
+def golden_architecture(golden: dict) -> dict:
+    """The constructor keywords of the golden model."""
+    config = golden["config"]
+    return {key: tuple(config[key]) if key == "layers" else config[key]
+            for key in ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "layers", "alpha")}
+
+
+@pytest.fixture(scope="session")
+def golden_model(golden: dict) -> StripMLPNet:
+    """The golden model with the release's weights, in eval mode (deep-copy it before changing it)."""
+    model = StripMLPNet(**golden_architecture(golden))
+    model.load_state_dict(golden["state_dict"], strict=True)
+    return model.eval()
 
 
 def write_images(folder: Path, count: int, size: tuple[int, int], fmt: str, seed: int) -> list[Path]:

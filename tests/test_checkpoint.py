@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import golden_architecture
 
 import checkpoint
 from checkpoint import (
@@ -132,9 +133,7 @@ def test_rng_state_round_trips_through_a_weights_only_file(tmp_path: Path) -> No
 
 
 def test_release_checkpoint_loads_and_a_mismatched_one_is_refused(tmp_path: Path, golden: dict) -> None:
-    cfg = golden["config"]
-    model = StripMLPNet(img_size=cfg["img_size"], num_classes=cfg["num_classes"], embed_dim=cfg["embed_dim"],
-                        layers=tuple(cfg["layers"]), alpha=cfg["alpha"]).eval()
+    model = StripMLPNet(**golden_architecture(golden)).eval()
     release = {"model": {f"module.{k}": v for k, v in golden["state_dict"].items()}}
     model.load_state_dict(fit_state_dict(release, model, "release.pth"))
     with torch.no_grad():

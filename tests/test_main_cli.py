@@ -181,19 +181,15 @@ def golden_setup(tmp_path_factory: pytest.TempPathFactory, golden: dict) -> tupl
     return config, root, golden
 
 
-def test_release_checkpoint_evaluates(golden_setup, capsys) -> None:
+def test_release_checkpoint_evaluates(golden_setup, golden_model: StripMLPNet, capsys) -> None:
     config_path, root, golden = golden_setup
     assert main.main(["--cfg", str(config_path), "--eval", "--resume", str(root / "release.pth")]) == 0
     summary = [line for line in capsys.readouterr().out.splitlines() if " * Acc@1 " in line][-1]
     # The same numbers computed directly with the golden weights on the same validation images.
     config = load_config(str(config_path))
     val_loader = build_loader(config, train=False).loader_val
-    cfg = golden["config"]
-    model = StripMLPNet(img_size=cfg["img_size"], num_classes=cfg["num_classes"], embed_dim=cfg["embed_dim"],
-                        layers=tuple(cfg["layers"]), alpha=cfg["alpha"]).eval()
-    model.load_state_dict(golden["state_dict"])
     with torch.no_grad():
-        pairs = [(model(batch.image), batch.target) for batch in val_loader]
+        pairs = [(golden_model(batch.image), batch.target) for batch in val_loader]
     correct1 = sum((out.argmax(1) == y).sum().item() for out, y in pairs)
     correct5 = sum((out.topk(5, 1).indices == y[:, None]).sum().item() for out, y in pairs)
     assert summary.endswith(f" * Acc@1 {100 * correct1 / 20:.3f} Acc@5 {100 * correct5 / 20:.3f}")

@@ -28,17 +28,6 @@ def tiny_model(**kwargs) -> StripMLPNet:
     return StripMLPNet(**{"img_size": 64, "num_classes": 10, "embed_dim": 40, "layers": (1, 1, 2, 1), **kwargs})
 
 
-@pytest.fixture(scope="module")
-def golden_model(golden: dict) -> StripMLPNet:
-    config = golden["config"]
-    model = StripMLPNet(
-        img_size=config["img_size"], patch_size=config["patch_size"], in_chans=config["in_chans"],
-        num_classes=config["num_classes"], embed_dim=config["embed_dim"], layers=tuple(config["layers"]),
-        alpha=config["alpha"])
-    model.load_state_dict(golden["state_dict"], strict=True)
-    return model.eval()
-
-
 def assert_close_to_golden(actual: torch.Tensor, expected: torch.Tensor) -> None:
     limit = 1e-4 * expected.abs().max().item()
     error = (actual - expected).abs().max().item()
@@ -93,14 +82,15 @@ def test_timm_registration_and_pretrained_config() -> None:
 def test_build_model_maps_config_keys() -> None:
     config = CfgNode({
         "DATA": {"IMG_SIZE": 64},
-        "MODEL": {"TYPE": "strip_mlp", "NUM_CLASSES": 5, "DROP_PATH_RATE": 0.3, "DROP_PATH_SCHEDULE": "linear",
+        "MODEL": {"TYPE": "strip_mlp", "NUM_CLASSES": 5, "DROP_RATE": 0.2, "DROP_PATH_RATE": 0.3,
+                  "DROP_PATH_SCHEDULE": "linear",
                   "STRIP_MLP": {"PATCH_SIZE": 4, "IN_CHANS": 3, "EMBED_DIM": 16, "LAYERS": [1, 1, 2, 1], "ALPHA": 2}},
         "TRAIN": {"USE_CHECKPOINT": True},
     })
     model = models.build_model(config)
     assert model.img_size == 64 and model.head.out_features == 5 and model.grad_checkpointing
     assert model.blocks1[0].channel_mixing.fc1.out_features == 32
-    assert model.blocks4[0].drop_path.drop_prob == pytest.approx(0.3)
+    assert model.blocks4[0].drop_path.drop_prob == pytest.approx(0.3) and model.head_drop.p == 0.2
     config.defrost()
     config.MODEL.TYPE = "swin"
     with pytest.raises(ValueError, match="unknown MODEL.TYPE 'swin'; valid: strip_mlp"):
@@ -177,8 +167,10 @@ def test_relative_position_index_is_a_non_persistent_device_buffer() -> None:
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"img_size": 100}, "image size 100 is not divisible by 32"),
+    ({"img_size": 100}, "img_size 100 must be a multiple of 32"),
     ({"embed_dim": 36}, "embed_dim 36 cannot be split by the strip mixing"),
+    ({"layers": (1, 1, 1)}, r"layers must give 4 stage depths of at least one block, got \[1, 1, 1\]"),
+    ({"patch_size": 2}, "patch_size 2 is not supported"),
     ({"drop_path_schedule": "cosine"}, "unknown drop path schedule 'cosine'; valid: uniform, linear"),
 ])
 def test_bad_construction_arguments_are_refused(kwargs: dict, message: str) -> None:
@@ -297,3 +289,15 @@ def test_grn_gradients_equal_those_of_the_specification_formula() -> None:
     expected = torch.autograd.grad((formula * upstream).sum(), (reference, grn.gamma))
     assert torch.allclose(ours.grad, expected[0], atol=1e-10)
     assert torch.allclose(grn.gamma.grad, expected[1], atol=1e-10)
+
+
+def test_head_dropout_acts_in_training_only_and_adds_no_weights() -> None:
+    torch.manual_seed(0)
+    plain = StripMLPNet(img_size=32, num_classes=5, embed_dim=8, layers=(1, 1, 1, 1))
+    dropped = StripMLPNet(img_size=32, num_classes=5, embed_dim=8, layers=(1, 1, 1, 1), drop_rate=0.5)
+    dropped.load_state_dict(plain.state_dict())  # the same names: dropout has no weights
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(dropped.eval()(images), plain.eval()(images))
+        dropped.train()
+        assert not torch.equal(dropped.forward_head(torch.ones(4, 64, 1, 1), pre_logits=True), torch.ones(4, 64))
