@@ -20,7 +20,7 @@ from data import BAD_IMAGE_POLICIES, CACHE_MODES, DATASETS, INTERPOLATIONS, MIXU
 from distributed import DEVICES
 from engine import AMP_DTYPES
 from lr_scheduler import LR_SCALINGS, SCHEDULERS
-from models import ARCHITECTURE_KEYS, DROP_PATH_SCHEDULES, check_architecture
+from models import ARCHITECTURE_KEYS, DROP_PATH_SCHEDULES, MODEL_TYPES, check_architecture
 from optimizer import OPTIMIZERS
 from utils import RunError
 
@@ -31,6 +31,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "DATA.BAD_IMAGE": BAD_IMAGE_POLICIES,
     "DATA.CACHE_MODE": CACHE_MODES,
     "DATA.INTERPOLATION": INTERPOLATIONS,
+    "MODEL.TYPE": MODEL_TYPES,
     "MODEL.DROP_PATH_SCHEDULE": DROP_PATH_SCHEDULES,
     "TRAIN.LR_SCHEDULER.NAME": SCHEDULERS,
     "TRAIN.OPTIMIZER.NAME": OPTIMIZERS,

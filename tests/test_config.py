@@ -122,6 +122,7 @@ def test_defaults_are_untouched_and_dump_reloads(tmp_path: Path) -> None:
         ("DATA:\n  DATASET: imagenet1k\n", (), "choose one of: imagenet, caltech101"),
         ("TRAIN:\n  OPTIMIZER:\n    NAME: lamb\n", (), "choose one of: adamw, sgd"),
         ("AMP:\n  DTYPE: fp8\n", (), "choose one of: bfloat16, float16"),
+        ("MODEL:\n  TYPE: swin\n", (), "MODEL.TYPE 'swin' is not supported; choose one of: strip_mlp"),
         ("DATA:\n  IMG_SIZE: 100\n", (), "DATA.IMG_SIZE 100 must be a multiple of 32"),
         ("MODEL:\n  STRIP_MLP:\n    LAYERS: [1, 1, 1]\n", (), "MODEL.STRIP_MLP.LAYERS must give 4 stage depths"),
         ("MODEL:\n  STRIP_MLP:\n    PATCH_SIZE: 2\n", (), "MODEL.STRIP_MLP.PATCH_SIZE 2 is not supported"),
