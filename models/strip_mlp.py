@@ -313,6 +313,18 @@ class StripMLPNet(nn.Module):
         return {"embeddings_table"}
 
     @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, str | list[tuple[str, tuple[int, ...] | None]]]:
+        """Parameter groups in forward order, for timm's layer-wise learning-rate decay and for freezing: the stem,
+        then each block (each stage when coarse), the merging and skip convolutions with the first block of the stage
+        they feed; the norm and head match nothing, which puts them last."""
+        feeders = {2: "merging1", 3: "merging2|conv_s1_28", 4: "merging3|conv_s1_14|conv_s2_14"}
+        return {
+            "stem": r"^patch_embed",
+            "blocks": [(r"^blocks(\d+)\." if coarse else r"^blocks(\d+)\.(\d+)\.", None)] + [
+                (rf"^(?:{names})\.", (stage,) if coarse else (stage, 0)) for stage, names in feeders.items()],
+        }
+
+    @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
