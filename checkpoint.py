@@ -378,7 +378,7 @@ def restore_training(state: TrainState, checkpoint: Mapping[str, Any], source: s
         raise CheckpointError(f"{source} holds weights only (no optimiser state or epoch); "
                               "use --pretrained FILE to start a new run from it")
     model = unwrap_model(state.model)
-    model.load_state_dict(fit_state_dict(checkpoint, model, source))
+    model.load_state_dict(fit_state_dict(checkpoint, model, source, logger, resample=False))
     for change in schedule_changes(saved_config(checkpoint), config):
         logger.info(f"config changed since {source}: {change}")
     restore_optimizer(state.optimizer, checkpoint, model, config, source, logger)
@@ -389,7 +389,8 @@ def restore_training(state: TrainState, checkpoint: Mapping[str, Any], source: s
         logger.info(f"{source} has no float16 gradient-scaler state; the scaler starts fresh")
     if state.ema is not None:
         ema_weights = checkpoint.get("model_ema") or checkpoint["model"]
-        state.ema.module.load_state_dict(fit_state_dict(ema_weights, state.ema.module, f"{source} (EMA)"))
+        state.ema.module.load_state_dict(fit_state_dict(ema_weights, state.ema.module, f"{source} (EMA)", logger,
+                                                              resample=False))
     epoch = int(checkpoint["epoch"])
     state.global_step = int(checkpoint.get("global_step", (epoch + 1) * updates_per_epoch))
     if env.is_main and "rng" in checkpoint:  # every rank re-seeds from (SEED, rank, epoch) at each epoch anyway
@@ -410,14 +411,19 @@ def restore_training(state: TrainState, checkpoint: Mapping[str, Any], source: s
 # Fitting weights from elsewhere
 
 
-def fit_state_dict(checkpoint: Mapping[str, Any], model: nn.Module, source: str) -> dict[str, torch.Tensor]:
+def fit_state_dict(checkpoint: Mapping[str, Any], model: nn.Module, source: str,
+                   logger: logging.Logger | None = None, resample: bool = True) -> dict[str, torch.Tensor]:
     """The model weights of a checkpoint (ours, the release's, or a bare state dict), checked against ``model``.
+
+    Weights of another input size are resampled to the model's (each resampled tensor logged, to ``logger`` when
+    given), unless ``resample`` is off: a resumed run's optimiser state is for the saved shapes.
 
     Raises:
         CheckpointError: listing the mismatched names and shapes (another variant, size or class count).
     """
+    log = {} if logger is None else {"log": lambda note: logger.info(f"{source}: {note}")}
     try:
-        return checkpoint_filter_fn(checkpoint, model)
+        return checkpoint_filter_fn(checkpoint, model, resample=resample, **log)
     except ValueError as e:
         raise CheckpointError(f"{source}: {e}") from None
 
@@ -435,7 +441,7 @@ def load_pretrained(model: nn.Module, checkpoint: Mapping[str, Any], source: str
     skipped = sorted(k for k, v in weights.items()
                      if k.startswith("head.") and k in expected and v.shape != expected[k].shape)
     weights.update({k: expected[k] for k in skipped})
-    model.load_state_dict(fit_state_dict(weights, model, f"pretrained checkpoint {source}"))
+    model.load_state_dict(fit_state_dict(weights, model, f"pretrained checkpoint {source}", logger))
     if skipped:
         logger.info(f"pretrained {source}: another class count, so {', '.join(skipped)} keep their fresh init")
     logger.info(f"loaded pretrained weights from {source}")

@@ -94,7 +94,8 @@ def build_network(config: CfgNode, env: DistEnv, logger: logging.Logger) -> nn.M
 
 
 def evaluate_only(config: CfgNode, env: DistEnv, logger: logging.Logger) -> int:
-    """``--eval`` (the given weights must fit the model as they are) or ``--throughput``; no training data."""
+    """``--eval`` (the weights must fit the model's variant and classes; another input size is resampled) or
+    ``--throughput``; no training data."""
     loaders = build_loader(config, env.rank, env.world_size, train=False, device=env.device)
     settings = StepSettings.from_config(config, env)
     model = build_network(config, env, logger)
@@ -102,7 +103,7 @@ def evaluate_only(config: CfgNode, env: DistEnv, logger: logging.Logger) -> int:
         resume = choose_resume(config, env, logger)
         source = str(resume[0]) if resume else config.MODEL.PRETRAINED
         checkpoint = resume[1] if resume else read_checkpoint(source, env)
-        model.load_state_dict(fit_state_dict(checkpoint, model, source))
+        model.load_state_dict(fit_state_dict(checkpoint, model, source, logger))
         logger.info(f"loaded weights from {source}")
     forward_model = compile_model(model, inference_only=True) if config.COMPILE else model
     if config.EVAL_MODE:

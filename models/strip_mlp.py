@@ -11,17 +11,26 @@ GRN is sized alpha x D, and the model runs on CPU as well as CUDA. Faster stand-
 layers (with the same parameter names) and the activation-checkpointing helper are in `layers.py`.
 """
 
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from torch import nn
 
 from .layers import GRN, PointwiseLinear, WideDepthwiseConv2d, channels_last_nchw, checkpointed
+from .resample import resample_to_model
+
+_logger = logging.getLogger(__name__)  # for weights loaded through timm, which passes no logger
 
 DROP_PATH_SCHEDULES = ("uniform", "linear")
+
+# The layers that feed each stage (numbered 1-4 as the release's blocks1..blocks4): its merging convolution and the
+# skip convolutions whose outputs are added to its input.
+STAGE_INPUTS = {2: ("merging1",), 3: ("merging2", "conv_s1_28"), 4: ("merging3", "conv_s1_14", "conv_s2_14")}
 
 
 def strip_chunks(channels: int) -> int:
@@ -54,21 +63,23 @@ class DepthwiseConv(nn.Module):
 
 
 class RelativePosition(nn.Module):
-    """Learned relative-position term pos[c, i, j] = table[(j - i) + L, c] for an L x L grid.
+    """Learned relative-position term pos[c, i, j] = table[(j - i) + H, c] for an H x W grid.
 
-    The index is a non-persistent buffer: it is built once on the model's device, follows
-    `.to()`, and stays out of the state dict, whose keys remain the release's.
+    Column minus row runs from -(H - 1) to W - 1, so the table has H + W + 1 rows for the offsets -H..W;
+    on a square L x L grid that is the release's 2L + 1 rows with the same indexing. The index is a
+    non-persistent buffer: it is built once on the model's device, follows `.to()`, and stays out of the
+    state dict, whose keys remain the release's.
     """
 
-    def __init__(self, channels: int, length: int) -> None:
+    def __init__(self, channels: int, height: int, width: int) -> None:
         super().__init__()
-        self.embeddings_table = nn.Parameter(torch.empty(2 * length + 1, channels))
+        self.embeddings_table = nn.Parameter(torch.empty(height + width + 1, channels))
         trunc_normal_(self.embeddings_table, std=0.02)
-        positions = torch.arange(length)
-        self.register_buffer("index", positions[None, :] - positions[:, None] + length, persistent=False)
+        rows, cols = torch.arange(height), torch.arange(width)
+        self.register_buffer("index", cols[None, :] - rows[:, None] + height, persistent=False)
 
     def forward(self) -> torch.Tensor:
-        return self.embeddings_table[self.index]  # (L, L, C): row i, column j, channel c
+        return self.embeddings_table[self.index]  # (H, W, C): row i, column j, channel c
 
 
 class StripMixingBlock(nn.Module):
@@ -79,23 +90,22 @@ class StripMixingBlock(nn.Module):
     checkpoints name them so (`smlp_block.proj_h`, `smlp_block.fc_h`, ...).
     """
 
-    def __init__(self, channels: int, resolution: int) -> None:
+    def __init__(self, channels: int, resolution: tuple[int, int]) -> None:
         super().__init__()
         half = channels // 2
-        self.resolution = resolution
-        self.chunk_channels = half // strip_chunks(channels)  # G in the specification
-        strip_features = self.chunk_channels * resolution
+        height, width = resolution
+        self.chunk_channels = g = half // strip_chunks(channels)  # G in the specification
 
         self.mlp = nn.Sequential(nn.Conv2d(channels, channels, 1), nn.BatchNorm2d(channels), nn.GELU())
 
-        # CGSMM: grouped convolutions mixing whole rows (proj_h) and columns (proj_w).
-        self.relate_pos_h = RelativePosition(half, resolution)
-        self.proj_h = nn.Conv2d(strip_features, strip_features, (1, 3), padding=(0, 1), groups=self.chunk_channels)
+        # CGSMM: grouped convolutions mixing whole rows (proj_h, W tokens) and columns (proj_w, H tokens).
+        self.relate_pos_h = RelativePosition(half, height, width)
+        self.proj_h = nn.Conv2d(g * width, g * width, (1, 3), padding=(0, 1), groups=g)
         self.fuse_h = nn.Conv2d(channels, half, 1, bias=False)
         self.BN = nn.BatchNorm2d(half)
         self.act = nn.GELU()
-        self.relate_pos_w = RelativePosition(half, resolution)
-        self.proj_w = nn.Conv2d(strip_features, strip_features, (1, 3), padding=(0, 1), groups=self.chunk_channels)
+        self.relate_pos_w = RelativePosition(half, height, width)
+        self.proj_w = nn.Conv2d(g * height, g * height, (1, 3), padding=(0, 1), groups=g)
         self.fuse_w = nn.Conv2d(channels, half, 1, bias=False)
 
         # LSMM: local strips of 7x3 and 3x7, reweighted per channel by a squeeze-excite style MLP.
@@ -161,7 +171,7 @@ class StripMixingBlock(nn.Module):
 class TokenMixing(nn.Module):
     """Depthwise 3x3 convolution followed by the strip mixing block."""
 
-    def __init__(self, channels: int, resolution: int) -> None:
+    def __init__(self, channels: int, resolution: tuple[int, int]) -> None:
         super().__init__()
         self.dwsc = DepthwiseConv(channels)
         self.smlp_block = StripMixingBlock(channels, resolution)
@@ -199,7 +209,7 @@ class ChannelMixing(nn.Module):
 class BasicBlock(nn.Module):
     """u = u + DropPath(TokenMixing(u)); u = u + DropPath(ChannelMixing(u))."""
 
-    def __init__(self, channels: int, resolution: int, alpha: int, drop_path: float) -> None:
+    def __init__(self, channels: int, resolution: tuple[int, int], alpha: int, drop_path: float) -> None:
         super().__init__()
         self.token_mixing = TokenMixing(channels, resolution)
         self.channel_mixing = ChannelMixing(channels, alpha)
@@ -210,9 +220,14 @@ class BasicBlock(nn.Module):
         return x + self.drop_path(self.channel_mixing(x))
 
 
+def image_size(img_size: int | Sequence[int]) -> tuple[int, int]:
+    """(H, W) of an input size given as one side (square) or as (H, W)."""
+    return (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+
+
 def check_architecture(names: Mapping[str, str] | None = None, **arguments: int | Sequence[int]) -> None:
     """Refuse arguments the network cannot be built with: the four stages, the stem's patch of 4, an input
-    size divisible by the total stride 32, and stage widths that the strip mixing can split.
+    size (one side, or H and W) divisible by the total stride 32, and stage widths that the strip mixing can split.
 
     Args:
         names: what to call each argument in the message (the config names its keys); the keyword by default.
@@ -228,9 +243,12 @@ def check_architecture(names: Mapping[str, str] | None = None, **arguments: int 
         raise ValueError(f"{names['layers']} must give 4 stage depths of at least one block, got {list(layers)}")
     if patch_size != 4:
         raise ValueError(f"{names['patch_size']} {patch_size} is not supported; the network downsamples by 4 x 8 = 32")
-    if img_size % 32 != 0:
-        raise ValueError(f"{names['img_size']} {img_size} must be a multiple of 32 (the stem's 4 x 2^3 stage "
-                         f"downsamplings); use e.g. {max(32, img_size // 32 * 32)}")
+    sides = image_size(img_size)
+    if len(sides) != 2 or not all(isinstance(side, int) and side > 0 and side % 32 == 0 for side in sides):
+        fixed = [max(32, side // 32 * 32) if isinstance(side, int) else 224 for side in sides[:2]]
+        shown, fix = (img_size, fixed[0]) if isinstance(img_size, int) else (list(img_size), fixed)
+        raise ValueError(f"{names['img_size']} {shown} must be a multiple of 32, or [H, W] with both multiples of 32 "
+                         f"(the stem's 4 x 2^3 stage downsamplings); use e.g. {fix}")
     for channels in (embed_dim, 2 * embed_dim, 4 * embed_dim, 8 * embed_dim):
         if channels % (2 * strip_chunks(channels)) != 0:
             raise ValueError(
@@ -242,7 +260,7 @@ class StripMLPNet(nn.Module):
     """Strip-MLP: four stages of BasicBlocks with convolutional patch merging and cross-stage skips.
 
     Args:
-        img_size: Square input size the model is built for; must be divisible by 32 because the
+        img_size: Input size the model is built for, one side (square) or (H, W); divisible by 32 because the
             strip projections and position tables are sized for each stage's resolution.
         patch_size: Stem convolution kernel and stride.
         in_chans: Input image channels.
@@ -259,7 +277,7 @@ class StripMLPNet(nn.Module):
 
     def __init__(
             self,
-            img_size: int = 224,
+            img_size: int | tuple[int, int] = 224,
             patch_size: int = 4,
             in_chans: int = 3,
             num_classes: int = 1000,
@@ -277,11 +295,15 @@ class StripMLPNet(nn.Module):
             raise ValueError(
                 f"unknown drop path schedule {drop_path_schedule!r}; valid: {', '.join(DROP_PATH_SCHEDULES)}")
 
-        self.img_size = img_size
+        self.img_size = image_size(img_size)  # (H, W)
         self.num_classes = num_classes
         self.num_features = 8 * embed_dim
         self.grad_checkpointing = use_checkpoint
-        resolution = img_size // patch_size
+        self.num_stages = len(layers)  # fewer after prune_intermediate_layers
+        self.feature_info = [
+            {"num_chs": embed_dim * 2 ** i, "reduction": patch_size * 2 ** i, "module": f"blocks{i + 1}"}
+            for i in range(len(layers))]
+        height, width = (side // patch_size for side in self.img_size)
         total = sum(layers)
         if drop_path_schedule == "linear":
             rates = torch.linspace(0, drop_path_rate, total).tolist()
@@ -293,7 +315,8 @@ class StripMLPNet(nn.Module):
         for i, depth in enumerate(layers):
             start = sum(layers[:i])
             stages.append(nn.ModuleList(
-                BasicBlock(embed_dim * 2 ** i, resolution // 2 ** i, alpha, rates[start + j]) for j in range(depth)))
+                BasicBlock(embed_dim * 2 ** i, (height // 2 ** i, width // 2 ** i), alpha, rates[start + j])
+                for j in range(depth)))
         self.blocks1 = stages[0]
         self.merging1 = nn.Conv2d(embed_dim, embed_dim * 2, 2, 2, bias=False)
         self.conv_s1_28 = nn.Conv2d(embed_dim * 2, embed_dim * 4, 2, 2, groups=embed_dim * 2, bias=False)
@@ -306,7 +329,7 @@ class StripMLPNet(nn.Module):
         self.blocks4 = stages[3]
         self.norm = nn.BatchNorm2d(self.num_features)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     @torch.jit.ignore
     def no_weight_decay_keywords(self) -> set[str]:
@@ -317,11 +340,11 @@ class StripMLPNet(nn.Module):
         """Parameter groups in forward order, for timm's layer-wise learning-rate decay and for freezing: the stem,
         then each block (each stage when coarse), the merging and skip convolutions with the first block of the stage
         they feed; the norm and head match nothing, which puts them last."""
-        feeders = {2: "merging1", 3: "merging2|conv_s1_28", 4: "merging3|conv_s1_14|conv_s2_14"}
         return {
             "stem": r"^patch_embed",
             "blocks": [(r"^blocks(\d+)\." if coarse else r"^blocks(\d+)\.(\d+)\.", None)] + [
-                (rf"^(?:{names})\.", (stage,) if coarse else (stage, 0)) for stage, names in feeders.items()],
+                (rf"^(?:{'|'.join(names)})\.", (stage,) if coarse else (stage, 0))
+                for stage, names in STAGE_INPUTS.items()],
         }
 
     @torch.jit.ignore
@@ -331,9 +354,12 @@ class StripMLPNet(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A fresh head for ``num_classes`` (0: none, the model returns pooled features); pooling is always the mean."""
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"global_pool {global_pool!r} is not supported; Strip-MLP pools by the mean ('avg')")
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def _run_stage(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
         for block in blocks:
@@ -343,23 +369,90 @@ class StripMLPNet(nn.Module):
                 x = block(x)
         return x
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Stages 1-4 with their skips; returns the normalised (N, 8E, S/32, S/32) feature map."""
-        if x.shape[-2:] != (self.img_size, self.img_size):
+    def _stage_outputs(self, x: torch.Tensor, last: int) -> list[torch.Tensor]:
+        """The outputs of stages 0..last (blocks1..blocks4, before the final norm), each (N, E * 2^i, H / 2^(i+2),
+        W / 2^(i+2)) in channels-last memory; the skips from stages 1 and 2 enter stages 3 and 4."""
+        if x.shape[-2:] != self.img_size:
+            built = "x".join(map(str, self.img_size))
             raise ValueError(
-                f"input of size {tuple(x.shape[-2:])} but the model was built for {self.img_size}x{self.img_size}; "
-                f"resize the input or build the model with img_size={x.shape[-1]}")
+                f"input of size {tuple(x.shape[-2:])} but the model was built for {built}; resize the input, build "
+                f"the model with img_size={tuple(x.shape[-2:])}, or load its weights into such a model (resampled)")
         # Every block computes in channels-last memory; see ChannelMixing.
         x = self.patch_embed(x).contiguous(memory_format=torch.channels_last)
-        x = self._run_stage(self.blocks1, x)
-        x = self.merging1(x)
+        outputs = [self._run_stage(self.blocks1, x)]
+        if last == 0:
+            return outputs
+        x = self.merging1(outputs[0])
         skip_s1a = self.conv_s1_28(x)
-        skip_s1b = self.conv_s1_14(skip_s1a)
-        x = self.merging2(self._run_stage(self.blocks2, x))
+        outputs.append(self._run_stage(self.blocks2, x))
+        if last == 1:
+            return outputs
+        x = self.merging2(outputs[1])
         skip_s2 = self.conv_s2_14(x)
-        x = self.merging3(self._run_stage(self.blocks3, x + skip_s1a))
-        x = self._run_stage(self.blocks4, x + skip_s1b + skip_s2)
-        return self.norm(x)
+        outputs.append(self._run_stage(self.blocks3, x + skip_s1a))
+        if last == 2:
+            return outputs
+        skip_s1b = self.conv_s1_14(skip_s1a)
+        outputs.append(self._run_stage(self.blocks4, self.merging3(outputs[2]) + skip_s1b + skip_s2))
+        return outputs
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Stages 1-4 with their skips; returns the normalised (N, 8E, H/32, W/32) feature map."""
+        return self.norm(self._stage_outputs(x, last=self.num_stages - 1)[-1])
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: int | Sequence[int] | None = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Stage outputs for dense prediction, as timm defines it for its convolutional models.
+
+        Args:
+            x: Input images (N, C, H, W) of the size the model was built for.
+            indices: The last n stages if an int, all if None, else the stage indices (0..3, negative from the end).
+            norm: Apply the final BatchNorm to the last stage's output when it is taken.
+            stop_early: Run no stage after the last one taken.
+            output_fmt: Only "NCHW".
+            intermediates_only: Return the stage outputs alone.
+
+        Returns:
+            The stage outputs (strides 4, 8, 16, 32; channels E, 2E, 4E, 8E), or (final features, stage outputs).
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt {output_fmt!r} is not supported; Strip-MLP gives NCHW feature maps")
+        take_indices, max_index = feature_take_indices(self.num_stages, indices)
+        outputs = self._stage_outputs(x, last=max_index if stop_early else self.num_stages - 1)
+        last = len(outputs) - 1
+        intermediates = [self.norm(outputs[i]) if norm and i == last else outputs[i] for i in take_indices]
+        if intermediates_only:
+            return intermediates
+        return self.norm(outputs[-1]), intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: int | Sequence[int] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> list[int]:
+        """Drop the stages after the last of ``indices`` (with the merging and skip layers that feed them), and the
+        norm and head when they no longer apply; returns the absolute stage indices kept."""
+        take_indices, max_index = feature_take_indices(self.num_stages, indices)
+        for stage in range(max_index + 2, self.num_stages + 1):
+            for name in (f"blocks{stage}", *STAGE_INPUTS[stage]):
+                setattr(self, name, nn.Identity())
+        prune_end = max_index < self.num_stages - 1
+        self.num_stages = max_index + 1
+        if prune_norm or prune_end:
+            self.norm = nn.Identity()  # the norm is sized for (and only applied to) the last stage
+        if prune_end:
+            self.num_features = self.feature_info[max_index]["num_chs"]
+        if prune_head or prune_end:
+            self.reset_classifier(0)
+        return take_indices
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.head_drop(x.mean(dim=(2, 3)))  # (N, 8E)
@@ -383,14 +476,21 @@ def clean_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.
     return cleaned
 
 
-def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: StripMLPNet) -> dict[str, torch.Tensor]:
+def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: StripMLPNet, resample: bool = True,
+                         log: Callable[[str], None] = _logger.info) -> dict[str, torch.Tensor]:
     """Turn a release (or our own) checkpoint into a state dict for `model`.
 
-    Accepts whatever `clean_state_dict` accepts and checks names and shapes, raising one error that lists
-    every mismatch so a checkpoint of another variant, input size or class count is recognised at once.
+    Accepts whatever `clean_state_dict` accepts. With ``resample``, weights of another input size are carried over
+    to the model's (see `resample.py`), each resampled tensor named through ``log`` with its old and new shape.
+    Then checks names and shapes, raising one error that lists every mismatch so a checkpoint of another variant,
+    input size or class count is recognised at once.
     """
     cleaned = clean_state_dict(state_dict)
     expected = model.state_dict()
+    if resample:
+        cleaned, notes = resample_to_model(cleaned, expected)
+        for note in notes:
+            log(f"resampled {note}")
     problems = [f"missing {name} {tuple(t.shape)}" for name, t in expected.items() if name not in cleaned]
     problems += [f"unexpected {name} {tuple(t.shape)}" for name, t in cleaned.items() if name not in expected]
     problems += [
@@ -405,7 +505,8 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: StripMLP
 
 
 def _create_strip_mlp(variant: str, pretrained: bool = False, **kwargs) -> StripMLPNet:
-    return build_model_with_cfg(StripMLPNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+    return build_model_with_cfg(StripMLPNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                feature_cfg={"feature_cls": "getter", "out_indices": (0, 1, 2, 3)}, **kwargs)
 
 
 def _cfg(**kwargs) -> dict:

@@ -1,5 +1,6 @@
 """Checkpoint files: atomic writes, weights-only loading, auto-resume choice, pruning, fitting weights."""
 
+import io
 import logging
 import os
 import pickle
@@ -23,6 +24,7 @@ from checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
+from logger import create_logger
 from models import StripMLPNet
 from utils import rng_state, set_rng_state
 
@@ -156,8 +158,21 @@ def test_pretrained_with_another_class_count_keeps_a_fresh_head(tmp_path: Path, 
     assert torch.equal(target.head.weight, fresh_head)
     assert torch.equal(target.patch_embed.weight, source.patch_embed.weight)
     with pytest.raises(CheckpointError, match="missing|vs model"):
-        load_pretrained(StripMLPNet(img_size=64, num_classes=3, embed_dim=8, layers=(1, 1, 1, 1)),
+        load_pretrained(StripMLPNet(img_size=32, num_classes=3, embed_dim=16, layers=(1, 1, 1, 1)),
                         load_checkpoint_file(tmp_path / "pre.pth"), "pre.pth", logger)
+
+
+def test_pretrained_at_another_size_and_class_count_is_resampled_and_logged(tmp_path: Path) -> None:
+    save_checkpoint({"model": tiny(num_classes=5).state_dict()}, tmp_path / "pre.pth")
+    target = StripMLPNet(img_size=(64, 96), num_classes=3, embed_dim=8, layers=(1, 1, 1, 1))
+    log = tmp_path / "log"
+    logger = create_logger(log, 0, "test", console=io.StringIO(), errors=io.StringIO())
+    assert load_pretrained(target, load_checkpoint_file(tmp_path / "pre.pth"), "pre.pth", logger) == [
+        "head.bias", "head.weight"]
+    text = (log / "log_rank0.txt").read_text()
+    assert "pretrained checkpoint pre.pth: resampled blocks1.0.token_mixing.smlp_block.proj_h.weight " \
+           "(8, 8, 1, 3) -> (24, 24, 1, 3)" in text
+    assert text.count("resampled ") == 6 * 4 and "another class count" in text
 
 
 def test_a_trained_model_is_rebuilt_from_its_checkpoint_alone(tmp_path: Path) -> None:

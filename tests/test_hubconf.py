@@ -23,7 +23,7 @@ def test_the_entry_points_are_the_four_variants() -> None:
 
 def test_load_builds_the_variant_for_the_given_classes_and_size() -> None:
     model = torch.hub.load(str(REPO), "strip_mlp_tiny", source="local", num_classes=10, img_size=64)
-    assert isinstance(model, StripMLPNet) and model.img_size == 64
+    assert isinstance(model, StripMLPNet) and model.img_size == (64, 64)
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, 10)
     assert [len(stage) for stage in (model.blocks1, model.blocks2, model.blocks3, model.blocks4)] == [2, 2, 12, 2]
 

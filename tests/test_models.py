@@ -71,7 +71,7 @@ def test_release_parameter_counts_and_macs(name: str) -> None:
 def test_timm_registration_and_pretrained_config() -> None:
     model = timm.create_model("strip_mlp_tiny_light", num_classes=7, img_size=96, drop_path_rate=0.2)
     assert isinstance(model, StripMLPNet)
-    assert model.head.out_features == 7 and model.img_size == 96
+    assert model.head.out_features == 7 and model.img_size == (96, 96)
     assert {b.drop_path.drop_prob for b in model.blocks3} == {0.2}
     cfg = model.pretrained_cfg
     assert cfg["input_size"] == (3, 224, 224) and cfg["interpolation"] == "bicubic"
@@ -88,7 +88,7 @@ def test_build_model_maps_config_keys() -> None:
         "TRAIN": {"USE_CHECKPOINT": True},
     })
     model = models.build_model(config)
-    assert model.img_size == 64 and model.head.out_features == 5 and model.grad_checkpointing
+    assert model.img_size == (64, 64) and model.head.out_features == 5 and model.grad_checkpointing
     assert model.blocks1[0].channel_mixing.fc1.out_features == 32
     assert model.blocks4[0].drop_path.drop_prob == pytest.approx(0.3) and model.head_drop.p == 0.2
     config.defrost()
