@@ -22,7 +22,7 @@ from engine import AMP_DTYPES
 from lr_scheduler import LR_SCALINGS, SCHEDULERS
 from models import ARCHITECTURE_KEYS, DROP_PATH_SCHEDULES, MODEL_TYPES, check_architecture
 from optimizer import OPTIMIZERS
-from utils import RunError
+from utils import RunError, image_size
 
 # Values a key may take, as the module that uses the key defines them; checked whenever a file, --opts or a
 # flag sets the key.
@@ -62,7 +62,9 @@ def default_config() -> CN:
     c.DATA.BATCH_SIZE = 64  # images per process (per GPU) and step
     c.DATA.DATA_PATH = ""  # dataset root; its expected layout depends on DATA.DATASET
     c.DATA.DATASET = "imagenet"  # one of CHOICES["DATA.DATASET"]
-    c.DATA.IMG_SIZE = 224  # network input side; a multiple of the network's total stride (32)
+    # Network input size: one side (square inputs) or [height, width], each a multiple of the network's total
+    # stride (32). A square [S, S] is stored as S; read it with utils.image_size, which gives (height, width).
+    c.DATA.IMG_SIZE = 224
     c.DATA.INTERPOLATION = "bicubic"  # resize interpolation for training and evaluation
     c.DATA.PIN_MEMORY = True  # page-locked host memory for faster copies to the GPU
     c.DATA.NUM_WORKERS = 8  # data-loading worker processes per training process
@@ -151,7 +153,7 @@ def default_config() -> CN:
 
     # ---------------------------------------------------------------- evaluation
     c.TEST = CN()
-    c.TEST.CROP = True  # resize to IMG_SIZE*256/224 then centre-crop; False resizes straight to IMG_SIZE
+    c.TEST.CROP = True  # resize to IMG_SIZE*256/224 (each side) then centre-crop; False resizes straight to IMG_SIZE
     c.TEST.SEQUENTIAL = False  # shard validation in contiguous blocks (True) or strided (False); both exact
 
     # ---------------------------------------------------------------- mixed precision
@@ -204,6 +206,19 @@ def _coerce(value: Any, default: Any, key: str, source: str) -> Any:
     return value
 
 
+def _image_size_value(value: Any, key: str, source: str) -> int | tuple[int, int]:
+    """DATA.IMG_SIZE as the config holds it: a side S, or (height, width) when the sides differ ([S, S] becomes S,
+    so square sizes read and dump as before). Whether the sides suit the network is checked once merged."""
+    if isinstance(value, str):  # --opts gives "224" or "[192, 256]"
+        value = _parse_literal(value)
+    sides = tuple(value) if isinstance(value, (list, tuple)) else (value, value)
+    if len(sides) != 2 or not all(isinstance(side, int) and not isinstance(side, bool) for side in sides):
+        raise ConfigError(f"{source}: {key} must be one side or [height, width], integers divisible by 32 "
+                          f"(e.g. 224 or [192, 256]), got {value!r}")
+    height, width = sides
+    return height if height == width else (height, width)
+
+
 def _set_key(config: CN, key: str, value: Any, source: str) -> None:
     """Set dotted ``key`` of a config under construction; nested mappings set their sub-keys."""
     if key in REMOVED_KEYS:
@@ -231,7 +246,10 @@ def _set_key(config: CN, key: str, value: Any, source: str) -> None:
         return
     if isinstance(value, dict):
         raise ConfigError(f"{source}: {key} is a single value, not a section; got {value!r}")
-    node[leaf] = _coerce(value, current, key, source)
+    if key == "DATA.IMG_SIZE":  # an int or a pair, which the type of the default cannot express
+        node[leaf] = _image_size_value(value, key, source)
+    else:
+        node[leaf] = _coerce(value, current, key, source)
 
 
 def _read_yaml(path: str) -> dict:
@@ -282,14 +300,15 @@ def _merge_file(config: CN, path: str, chain: tuple[str, ...] = ()) -> None:
 def _check_consistency(config: CN) -> None:
     """Checks that involve several keys, run once everything is merged."""
     strip = config.MODEL.STRIP_MLP
-    try:  # the network's own rule, named by the keys that set it
-        check_architecture(ARCHITECTURE_KEYS, img_size=config.DATA.IMG_SIZE, patch_size=strip.PATCH_SIZE,
-                           embed_dim=strip.EMBED_DIM, layers=strip.LAYERS)
+    try:  # the network's own rule, named by the keys that set it; each side of the input must meet it
+        for side in sorted(set(image_size(config))):
+            check_architecture(ARCHITECTURE_KEYS, img_size=side, patch_size=strip.PATCH_SIZE,
+                               embed_dim=strip.EMBED_DIM, layers=strip.LAYERS)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     positive = {
         "DATA.BATCH_SIZE": config.DATA.BATCH_SIZE,
-        "DATA.IMG_SIZE": config.DATA.IMG_SIZE,
+        "DATA.IMG_SIZE": min(image_size(config)),
         "MODEL.NUM_CLASSES": config.MODEL.NUM_CLASSES,
         "TRAIN.EPOCHS": config.TRAIN.EPOCHS,
         "TRAIN.LR_REFERENCE_BATCH": config.TRAIN.LR_REFERENCE_BATCH,

@@ -1,4 +1,5 @@
-"""Small helpers shared by the run: the user-facing error class, seeding and RNG states, and model unwrapping."""
+"""Small helpers shared by the run: the user-facing error class, seeding and RNG states, model unwrapping, and the
+input size a config sets."""
 
 import random
 from collections.abc import Mapping
@@ -7,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from yacs.config import CfgNode
 
 
 class RunError(RuntimeError):
@@ -75,3 +77,10 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def image_size(config: CfgNode) -> tuple[int, int]:
+    """The network's input size (height, width) that DATA.IMG_SIZE sets, whether it holds one side (square inputs)
+    or (H, W); everything that sizes an input reads it here."""
+    size = config.DATA.IMG_SIZE
+    return (size, size) if isinstance(size, int) else (size[0], size[1])

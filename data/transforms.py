@@ -20,11 +20,16 @@ from torchvision import transforms
 from torchvision.io import ImageReadMode, decode_jpeg
 from yacs.config import CfgNode
 
+from utils import image_size
+
 from .datasets import EncodedImage, decode_rgb, open_image
 
-# At or below this side the release treats images as CIFAR-sized and pads-and-crops instead of
-# random-resized cropping (which would keep too few of 32x32 pixels).
+# At or below this side (both sides, for non-square inputs) the release treats images as CIFAR-sized and
+# pads-and-crops instead of random-resized cropping (which would keep too few of 32x32 pixels).
 SMALL_IMAGE_SIDE = 32
+
+# Evaluation resizes to 1 / EVAL_CROP_PCT of the input size, then centre-crops (ImageNet's 224 of 256).
+EVAL_CROP_PCT = 224 / 256
 
 INTERPOLATIONS = ("bicubic", "bilinear")
 RANDOM_ERASING_MODES = ("pixel", "rand", "const")  # timm's RandomErasing fills
@@ -126,7 +131,8 @@ def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
 def build_transform(is_train: bool, config: CfgNode) -> Callable[[EncodedImage | Image.Image], torch.Tensor]:
     """The training (augmenting) or evaluation transform for DATA.IMG_SIZE inputs: an EncodedImage (or a decoded
     Pillow image, as CIFAR's) to a uint8 (3, H, W) tensor."""
-    size = config.DATA.IMG_SIZE
+    size = image_size(config)  # (H, W)
+    small = max(size) <= SMALL_IMAGE_SIDE
     interpolation = config.DATA.INTERPOLATION
     if is_train:
         aug = config.AUG
@@ -141,11 +147,11 @@ def build_transform(is_train: bool, config: CfgNode) -> Callable[[EncodedImage |
             hflip=aug.HFLIP,
             interpolation=interpolation,
         )
-        if size <= SMALL_IMAGE_SIDE:
+        if small:
             # Resize first so that larger images still come out at `size`; the crop then only shifts.
             transform.transforms[0] = transforms.Compose([
                 decode_rgb,
-                transforms.Resize((size, size), interpolation=str_to_interp_mode(interpolation)),
+                transforms.Resize(size, interpolation=str_to_interp_mode(interpolation)),
                 transforms.RandomCrop(size, padding=4),
             ])
         else:
@@ -155,12 +161,12 @@ def build_transform(is_train: bool, config: CfgNode) -> Callable[[EncodedImage |
         transform.transforms[-1] = to_uint8_tensor  # in place of timm's MaybePILToTensor
         return transform
 
-    if config.TEST.CROP and size > SMALL_IMAGE_SIDE:
-        # Keep ImageNet's 224-of-256 ratio at any input size.
-        resize = [
-            transforms.Resize(int(size * 256 / 224), interpolation=str_to_interp_mode(interpolation)),
-            transforms.CenterCrop(size),
-        ]
+    if config.TEST.CROP and not small:
+        # timm's evaluation resize and centre crop, keeping ImageNet's 224-of-256 ratio at any input size: the
+        # shorter side to 256/224 of its target for square inputs; for others, the image scaled to cover
+        # (H, W) x 256/224 with its aspect kept.
+        resize = create_transform(input_size=size, is_training=False, use_prefetcher=True, crop_pct=EVAL_CROP_PCT,
+                                  interpolation=interpolation).transforms[:-1]  # less timm's MaybePILToTensor
     else:
-        resize = [transforms.Resize((size, size), interpolation=str_to_interp_mode(interpolation))]
+        resize = [transforms.Resize(size, interpolation=str_to_interp_mode(interpolation))]
     return transforms.Compose([decode_rgb, *resize, to_uint8_tensor])

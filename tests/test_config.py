@@ -11,12 +11,14 @@ from config import (
     CHOICES,
     ConfigError,
     build_parser,
+    config_from_text,
     default_config,
     dump_config,
     get_config,
     load_config,
     parse_option,
 )
+from utils import image_size
 
 REPO = Path(__file__).resolve().parents[1]
 # Runnable configs; files under configs/base/ are only inherited.
@@ -108,6 +110,52 @@ def test_defaults_are_untouched_and_dump_reloads(tmp_path: Path) -> None:
     dump_config(config, str(dumped))
     again = load_config(str(dumped), ["OUTPUT", "output"])
     assert again == config
+
+
+def test_img_size_is_a_side_or_height_and_width_and_round_trips(tmp_path: Path) -> None:
+    """A side stays a side (as every saved config holds it), [H, W] becomes (H, W), and [S, S] becomes S; the
+    dump reloads, from a file and from a checkpoint's text, to the same config."""
+    pair = load_config(_write(tmp_path / "pair.yaml", "DATA:\n  IMG_SIZE: [64, 96]\n"))
+    assert pair.DATA.IMG_SIZE == (64, 96) and image_size(pair) == (64, 96)
+    assert image_size(load_config(_write(tmp_path / "side.yaml", ""))) == (224, 224)
+    # --opts as main.py gets it from a shell, and a later file giving a side after a base file's pair.
+    assert load_config(str(tmp_path / "side.yaml"), ["DATA.IMG_SIZE", "[96, 64]"]).DATA.IMG_SIZE == (96, 64)
+    assert load_config(str(tmp_path / "side.yaml"), ["DATA.IMG_SIZE", "(64, 64)"]).DATA.IMG_SIZE == 64
+    leaf = _write(tmp_path / "leaf.yaml", "BASE: pair.yaml\nDATA:\n  IMG_SIZE: 32\n")
+    assert load_config(leaf).DATA.IMG_SIZE == 32
+    for config in (pair, load_config(str(tmp_path / "pair.yaml"), ["DATA.IMG_SIZE", "128"])):
+        dumped = tmp_path / "config.yaml"
+        dump_config(config, str(dumped))
+        assert load_config(str(dumped), ["OUTPUT", "output"]) == config  # OUTPUT gains NAME/TAG again
+        assert config_from_text(config.dump(), "checkpoint.pth") == config
+    assert "IMG_SIZE: 128\n" in config.dump()  # a square size is saved as before
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("[64, 96, 32]", "DATA.IMG_SIZE must be one side or [height, width], integers divisible by 32 (e.g. 224 or "
+                         "[192, 256]), got [64, 96, 32]"),
+        ("[64.0, 96]", "DATA.IMG_SIZE must be one side or [height, width]"),
+        ("224.0", "DATA.IMG_SIZE must be one side or [height, width]"),
+        ("[64]", "DATA.IMG_SIZE must be one side or [height, width]"),
+        ("large", "DATA.IMG_SIZE must be one side or [height, width]"),
+        ("True", "DATA.IMG_SIZE must be one side or [height, width]"),
+        ("[64, 100]", "DATA.IMG_SIZE 100 must be a multiple of 32"),
+        ("[100, 64]", "DATA.IMG_SIZE 100 must be a multiple of 32"),
+        ("[0, 64]", "DATA.IMG_SIZE must be positive, got 0"),
+        ("-64", "DATA.IMG_SIZE must be positive, got -64"),
+    ],
+)
+def test_bad_img_size_is_one_line_naming_the_key(tmp_path: Path, value: str, message: str) -> None:
+    cfg = _write(tmp_path / "c.yaml", "")
+    for where in ("--opts", "c.yaml"):  # the same value from the command line and from a file
+        with pytest.raises(ConfigError) as info:
+            if where == "--opts":
+                load_config(cfg, ["DATA.IMG_SIZE", value])
+            else:
+                load_config(_write(tmp_path / "c.yaml", f"DATA:\n  IMG_SIZE: {value}\n"))
+        assert message in str(info.value) and "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from torchvision import transforms
 
 from config import load_config
 from data import DataError, Sample, ShardSampler, build_erasing, build_loader, build_transform, make_demo_digits
-from data.datasets import decode_rgb
+from data.datasets import decode_rgb, read_image
 from data.demo import MARKER
 from data.transforms import DecodingRandomResizedCrop, to_uint8_tensor
 
@@ -220,6 +220,50 @@ def test_evaluation_transform_resizes_then_centre_crops(tmp_path: Path) -> None:
     assert isinstance(steps[2], transforms.CenterCrop) and steps[2].size == (224, 224)
     no_crop = load_config(str(REPO / "configs" / "imagenet1k" / "strip_mlp_tiny.yaml"), ["TEST.CROP", "False"])
     assert build_transform(False, no_crop).transforms[1].size == (224, 224)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])  # torchvision's JPEG decoder, and Pillow
+def test_non_square_inputs_come_out_height_by_width(tmp_path: Path, fmt: str) -> None:
+    """DATA.IMG_SIZE [64, 96]: training and evaluation give (3, 64, 96) uint8 from wide, tall and CIFAR-like images;
+    evaluation resizes as timm does for a pair (to cover 256/224 of each side, aspect kept) and centre-crops."""
+    config = load_config(DEMO_CFG, ["DATA.IMG_SIZE", "[64, 96]", "TEST.CROP", "True",
+                                    "AUG.AUTO_AUGMENT", "rand-m9-mstd0.5-inc1"])
+    bicubic = transforms.InterpolationMode.BICUBIC
+    # (width, height) of the image, and the size (h, w) it is resized to before the crop: scaled so that it
+    # covers floor((64, 96) / (224 / 256)) = (73, 109), by the smaller of the two ratios, rounded.
+    for (width, height), resized in (((120, 90), (82, 109)), ((70, 150), (234, 109))):
+        path = tmp_path / f"{width}x{height}.{fmt.lower()}"
+        Image.fromarray(torch.randint(0, 256, (height, width, 3), dtype=torch.uint8).numpy()).save(path, format=fmt)
+        train, evaluate = build_transform(True, config), build_transform(False, config)
+        for seed in range(4):
+            torch.manual_seed(seed)
+            out = train(read_image(str(path)))
+            assert out.shape == (3, 64, 96) and out.dtype == torch.uint8
+        out = evaluate(read_image(str(path)))
+        expected = transforms.Compose([transforms.Resize(resized, interpolation=bicubic),
+                                       transforms.CenterCrop((64, 96)), transforms.PILToTensor()])
+        assert torch.equal(out, expected(Image.open(path).convert("RGB")))
+    no_crop = load_config(DEMO_CFG, ["DATA.IMG_SIZE", "[64, 96]", "TEST.CROP", "False"])
+    out = build_transform(False, no_crop)(read_image(str(path)))
+    assert torch.equal(out, transforms.Compose([transforms.Resize((64, 96), interpolation=bicubic),
+                                                transforms.PILToTensor()])(Image.open(path).convert("RGB")))
+    cifar_like = Image.new("RGB", (32, 32), (10, 200, 30))  # decoded already, as CIFAR's images are
+    assert build_transform(True, config)(cifar_like).shape == build_transform(False, config)(cifar_like).shape == (
+        3, 64, 96)
+    wide = load_config(DEMO_CFG, ["DATA.IMG_SIZE", "[32, 64]"])  # one side at 32: still the random resized crop
+    assert build_transform(True, wide)(cifar_like).shape == (3, 32, 64)
+
+
+def test_non_square_batches_take_mixup_cutmix_and_erasing(image_folder: Callable) -> None:
+    root = image_folder({"a": (2, 1), "b": (2, 1)}, size=(50, 70))
+    loaders = build_loader(_config("folder", root, 2, extra=("DATA.IMG_SIZE", "[64, 96]", "AUG.MIXUP", "0.8",
+                                                              "AUG.CUTMIX", "1.0", "AUG.REPROB", "1.0")))
+    for _ in range(3):  # mixup or cutmix, drawn per batch
+        batch = next(iter(loaders.loader_train))
+        assert batch.image.shape == (2, 3, 64, 96) and batch.image.dtype == torch.float32
+        images, targets = loaders.mixup_fn(batch.image, batch.target)
+        assert images.shape == (2, 3, 64, 96) and targets.shape == (2, 2)
+    assert torch.cat([b.image for b in loaders.loader_val]).shape == (2, 3, 64, 96)
 
 
 def test_mixup_follows_the_aug_keys(image_folder: Callable) -> None:

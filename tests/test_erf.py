@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import TinyRun
-from run_helpers import write_config
+from run_helpers import write_config, write_image_folder
+from torch import nn
 
+from config import load_config
 from logger import ProgressLine
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
@@ -62,6 +64,39 @@ def test_any_input_size_the_model_is_built_for(tiny_run: TinyRun, tmp_path: Path
                      "--num-images", "3", "--output", str(tmp_path / "erf.png")]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("random"))
     assert " 3 " in row and "64x64" in row
+
+
+class PatchNet(nn.Module):
+    """A one-stage stand-in network: a 16-pixel patch convolution, so that each output position sees its own patch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks1 = nn.ModuleList([nn.Conv2d(3, 2, 16, 16)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks1[0](x)
+
+
+def test_a_non_square_map_is_height_by_width_around_the_traced_position(tmp_path: Path) -> None:
+    images = write_image_folder(tmp_path / "images", classes=3, train_per_class=1, val_per_class=1)
+    config = load_config(str(write_config(tmp_path / "c.yaml", images, tmp_path / "out",
+                                          {"DATA": {"IMG_SIZE": [64, 96]}})))
+    result = erf.contribution_scores(PatchNet().eval(), config, 1, 3, 2, CPU, ProgressLine(enabled=False), "patch")
+    # Output 4x6: the centre position (2, 3) sees input rows 32..47 and columns 48..63, and its middle pixel.
+    assert result.scores.shape == (64, 96) and result.centre == (40, 56)
+    assert np.argwhere(result.scores > 0).min(0).tolist() == [32, 48]
+    assert np.argwhere(result.scores > 0).max(0).tolist() == [47, 63]
+
+
+def test_a_non_square_model_end_to_end(tiny_run: TinyRun, tmp_path: Path, capsys) -> None:
+    """Needs StripMLPNet(img_size=(H, W))."""
+    cfg = write_config(tmp_path / "wide.yaml", tiny_run.images, tmp_path / "out", {"DATA": {"IMG_SIZE": [64, 96]}})
+    output = tmp_path / "erf.png"
+    assert erf.main(["--resume", "random", "--cfg", str(cfg), "--data-path", str(tiny_run.images), "--stage", "3",
+                     "--num-images", "3", "--output", str(output)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("random"))
+    assert " 3 " in row and "64x96" in row
+    assert output.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_bad_input_gives_one_line(tiny_run: TinyRun, tmp_path: Path, capsys) -> None:

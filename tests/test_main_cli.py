@@ -18,7 +18,7 @@ from run_helpers import REPO, launch, load_weights, plain, release_config, run_d
 import engine
 import main
 from checkpoint import load_checkpoint_file, save_checkpoint
-from config import load_config
+from config import config_from_text, load_config
 from data import build_loader
 from models import StripMLPNet
 
@@ -321,6 +321,29 @@ def test_options_run_together(images: Path, tmp_path: Path, capsys) -> None:
     row = json.loads((run_dir(tmp_path / "out") / "metrics.jsonl").read_text())
     assert {"ema_acc1", "ema_acc5", "ema_val_loss"} <= set(row)
     assert load_checkpoint_file(run_dir(tmp_path / "out") / "latest.pth")["model_ema"] is not None
+
+
+def test_a_non_square_input_trains_evaluates_and_deploys(images: Path, tmp_path: Path, capsys) -> None:
+    """DATA.IMG_SIZE [64, 96] end to end: one epoch of training, the size saved and read back, evaluation, prediction
+    and export. Needs StripMLPNet(img_size=(H, W))."""
+    config = write_config(tmp_path / "config.yaml", images, tmp_path / "out",
+                          {"DATA": {"IMG_SIZE": [64, 96]}, "TRAIN": {"EPOCHS": 1, "WARMUP_EPOCHS": 0}})
+    assert main.main(["--cfg", str(config)]) == 0
+    out = run_dir(tmp_path / "out")
+    checkpoint = out / "latest.pth"
+    assert load_config(str(out / "config.yaml")).DATA.IMG_SIZE == (64, 96)
+    assert config_from_text(load_checkpoint_file(checkpoint)["config"], str(checkpoint)).DATA.IMG_SIZE == (64, 96)
+    capsys.readouterr()
+    assert main.main(["--cfg", str(out / "config.yaml"), "--eval", "--resume", str(checkpoint), "--tag", "eval"]) == 0
+    assert " * Acc@1 " in capsys.readouterr().out
+    val = images / "val" / "class_0"
+    predicted = launch(["--resume", str(checkpoint), str(val), "--topk", "1"], script=REPO / "tools" / "predict.py")
+    assert predicted.returncode == 0, predicted.stderr
+    assert sum(line.startswith(str(val)) for line in predicted.stdout.splitlines()) == 5
+    exported = launch(["--resume", str(checkpoint), "--format", "torchscript", "--output", str(tmp_path / "m.ts")],
+                      script=REPO / "tools" / "export.py")
+    assert exported.returncode == 0, exported.stderr
+    assert torch.jit.load(str(tmp_path / "m.ts"))(torch.zeros(2, 3, 64, 96)).shape == (2, 3)
 
 
 @pytest.mark.slow

@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 from config import load_config  # noqa: E402  (the repository is on the path only now)
 from data import TrainSampler, build_dataset  # noqa: E402
 from data.datasets import load_rgb_image, read_image  # noqa: E402
+from utils import image_size  # noqa: E402
 
 # scikit-image's colour photographs (shipped inside its package; no download).
 PHOTOS = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry", "retina", "rocket")
@@ -86,7 +87,7 @@ def release_transform(config: object) -> Callable:
     """The release's training transform, as data/transforms.py built it before the device-side step."""
     aug = config.AUG
     return create_transform(
-        input_size=config.DATA.IMG_SIZE,
+        input_size=image_size(config),
         is_training=True,
         color_jitter=aug.COLOR_JITTER if aug.COLOR_JITTER > 0 else None,
         auto_augment=aug.AUTO_AUGMENT if aug.AUTO_AUGMENT != "none" else None,

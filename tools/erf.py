@@ -35,14 +35,14 @@ from config import load_config
 from data import DeviceLoader, build_dataset
 from logger import ProgressLine
 from models import build_model
-from utils import RunError, seed_everything
+from utils import RunError, image_size, seed_everything
 
 RANDOM = "random"
 THRESHOLDS = (0.2, 0.3, 0.5, 0.99)
 
 
 class ERF(NamedTuple):
-    """One model's result: its label, the mean contribution score per input pixel (S, S), how many images, and the
+    """One model's result: its label, the mean contribution score per input pixel (H, W), how many images, and the
     input pixel (row, column) nearest the centre of the traced output position's patch."""
 
     label: str
@@ -108,7 +108,7 @@ def stage_output_module(model: nn.Module, stage: int) -> nn.Module:
 
 def contribution_scores(model: nn.Module, config: CfgNode, stage: int, num_images: int, batch_size: int,
                         device: torch.device, progress: ProgressLine, label: str) -> ERF:
-    """The mean over images of |d centre(stage output) / d input| summed over colour channels: (S, S)."""
+    """The mean over images of |d centre(stage output) / d input| summed over colour channels: (H, W)."""
     dataset = build_dataset(False, config)
     if len(dataset) < num_images:
         print(f"note: {config.DATA.DATA_PATH} holds {len(dataset)} validation images; using all of them")
@@ -118,7 +118,8 @@ def contribution_scores(model: nn.Module, config: CfgNode, stage: int, num_image
     model.requires_grad_(False)  # only the input's gradient is needed
     captured: list[torch.Tensor] = []
     hook = stage_output_module(model, stage).register_forward_hook(lambda module, inputs, out: captured.append(out))
-    total = torch.zeros(config.DATA.IMG_SIZE, config.DATA.IMG_SIZE, dtype=torch.float64, device=device)
+    height, width = image_size(config)
+    total = torch.zeros(height, width, dtype=torch.float64, device=device)
     count = 0
     try:
         for batch in loader:
@@ -133,7 +134,7 @@ def contribution_scores(model: nn.Module, config: CfgNode, stage: int, num_image
             output = captured[0]  # (B, C, h, w), channels-last inside the blocks
             rows, columns = output.shape[2:]
             centre = output[:, :, rows // 2, columns // 2].sum()
-            (gradient,) = torch.autograd.grad(centre, images)  # (B, 3, S, S); eval mode: each image's own gradient
+            (gradient,) = torch.autograd.grad(centre, images)  # (B, 3, H, W); eval mode: each image's own gradient
             total += gradient.abs().sum(dim=(0, 1)).double()
             count += len(images)
             progress.update(f"{label}: {count}/{len(chosen)} images")
@@ -141,9 +142,9 @@ def contribution_scores(model: nn.Module, config: CfgNode, stage: int, num_image
         hook.remove()
     if count == 0:
         raise RunError(f"no readable validation image in {config.DATA.DATA_PATH}")
-    # Output position i covers input rows [i, i + 1) x S / rows; the pixel nearest its middle centres the squares.
-    size = config.DATA.IMG_SIZE
-    centre = (int((rows // 2 + 0.5) * size / rows), int((columns // 2 + 0.5) * size / columns))
+    # Output position i covers input rows [i, i + 1) x H / rows (columns: x W / columns); the pixel nearest its middle
+    # centres the squares.
+    centre = (int((rows // 2 + 0.5) * height / rows), int((columns // 2 + 0.5) * width / columns))
     return ERF(label, (total / count).cpu().numpy(), count, centre)
 
 

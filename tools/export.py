@@ -7,7 +7,7 @@ The model is exported in eval mode without gradients, so its hand-written autogr
 training's backward pass) are replaced by the plain operations they compute. The batch dimension is dynamic by
 default; ``--batch-size N`` fixes it. ONNX goes through the current exporter (``torch.onnx.export(dynamo=True)``,
 which needs ``onnxscript``), ``exported`` is a ``torch.export`` program saved with ``torch.export.save``, and
-TorchScript is a trace (which runs at any batch size). The input is ``images`` (B, 3, S, S), normalised as the
+TorchScript is a trace (which runs at any batch size). The input is ``images`` (B, 3, H, W), normalised as the
 evaluation transform does, and the output ``logits`` (B, classes).
 
 After writing the file the tool loads it back (ONNX with onnxruntime), runs it beside the PyTorch model on random
@@ -26,7 +26,7 @@ import torch
 from model_cli import add_model_arguments, device_of, load_model, run_tool  # puts the repository on the path
 from torch import nn
 
-from utils import RunError
+from utils import RunError, image_size
 
 FORMATS = ("onnx", "torchscript", "exported")
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # the exporter's and the checker's; pinned in requirements-dev
@@ -103,13 +103,14 @@ def load_exported(fmt: str, output: Path, device: torch.device) -> Runner:
 
 
 @torch.no_grad()
-def largest_difference(model: nn.Module, runner: Runner, batches: Sequence[int], size: int, channels: int,
+def largest_difference(model: nn.Module, runner: Runner, batches: Sequence[int], size: tuple[int, int], channels: int,
                        device: torch.device) -> float:
-    """The largest |logit difference| between ``model`` and ``runner`` over random batches of the given sizes."""
+    """The largest |logit difference| between ``model`` and ``runner`` over random batches of the given sizes, of
+    images of ``size`` (H, W)."""
     generator = torch.Generator().manual_seed(0)
     difference = 0.0
     for batch in batches:
-        images = torch.randn(batch, channels, size, size, generator=generator).to(device)
+        images = torch.randn(batch, channels, *size, generator=generator).to(device)
         expected = model(images).float().cpu()
         got = runner(images).float().cpu()
         if got.shape != expected.shape:
@@ -129,9 +130,9 @@ def run(args: argparse.Namespace) -> int:
         raise RunError(f"--tolerance must be 0 or more, got {args.tolerance}")
     device = device_of(args)
     config, model, _ = load_model(args.resume, args, device)
-    size, channels = config.DATA.IMG_SIZE, config.MODEL.STRIP_MLP.IN_CHANS
+    size, channels = image_size(config), config.MODEL.STRIP_MLP.IN_CHANS
     dynamic = args.batch_size is None
-    example = torch.randn(args.batch_size or EXAMPLE_BATCH, channels, size, size, device=device)
+    example = torch.randn(args.batch_size or EXAMPLE_BATCH, channels, *size, device=device)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
     try:

@@ -25,7 +25,7 @@ from data import DeviceLoader, ImageFiles, build_transform, find_images
 from engine import eval_logits
 from logger import ProgressLine
 from reports import top_k, topk_entries, topk_fields, write_csv
-from utils import RunError
+from utils import RunError, image_size
 
 OUTPUT_FORMATS = (".csv", ".json")
 
@@ -55,8 +55,7 @@ def predict(args: argparse.Namespace) -> int:
     device = device_of(args)
     config, model, classes = load_model(args.resume, args, device)
     settings = eval_settings(config, device)
-    size = config.DATA.IMG_SIZE
-    dataset = ImageFiles(files, build_transform(False, config), (config.MODEL.STRIP_MLP.IN_CHANS, size, size))
+    dataset = ImageFiles(files, build_transform(False, config), (config.MODEL.STRIP_MLP.IN_CHANS, *image_size(config)))
     loader = DeviceLoader(DataLoader(dataset, batch_size=args.batch_size or config.DATA.BATCH_SIZE,
                                      num_workers=config.DATA.NUM_WORKERS), device)
     k = min(args.topk, len(classes))
