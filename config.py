@@ -22,7 +22,7 @@ from engine import AMP_DTYPES
 from lr_scheduler import LR_SCALINGS, SCHEDULERS
 from models import ARCHITECTURE_KEYS, DROP_PATH_SCHEDULES, MODEL_TYPES, check_architecture
 from optimizer import OPTIMIZERS
-from utils import RunError, image_size
+from utils import RunError
 
 # Values a key may take, as the module that uses the key defines them; checked whenever a file, --opts or a
 # flag sets the key.
@@ -300,15 +300,13 @@ def _merge_file(config: CN, path: str, chain: tuple[str, ...] = ()) -> None:
 def _check_consistency(config: CN) -> None:
     """Checks that involve several keys, run once everything is merged."""
     strip = config.MODEL.STRIP_MLP
-    try:  # the network's own rule, named by the keys that set it; each side of the input must meet it
-        for side in sorted(set(image_size(config))):
-            check_architecture(ARCHITECTURE_KEYS, img_size=side, patch_size=strip.PATCH_SIZE,
-                               embed_dim=strip.EMBED_DIM, layers=strip.LAYERS)
+    try:  # the network's own rule, named by the keys that set it
+        check_architecture(ARCHITECTURE_KEYS, img_size=config.DATA.IMG_SIZE, patch_size=strip.PATCH_SIZE,
+                           embed_dim=strip.EMBED_DIM, layers=strip.LAYERS)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     positive = {
         "DATA.BATCH_SIZE": config.DATA.BATCH_SIZE,
-        "DATA.IMG_SIZE": min(image_size(config)),
         "MODEL.NUM_CLASSES": config.MODEL.NUM_CLASSES,
         "TRAIN.EPOCHS": config.TRAIN.EPOCHS,
         "TRAIN.LR_REFERENCE_BATCH": config.TRAIN.LR_REFERENCE_BATCH,

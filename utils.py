@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from yacs.config import CfgNode
 
+import models
+
 
 class RunError(RuntimeError):
     """A user-facing failure: the run stops with this one-line message (what is wrong and how to fix it).
@@ -82,5 +84,4 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 def image_size(config: CfgNode) -> tuple[int, int]:
     """The network's input size (height, width) that DATA.IMG_SIZE sets, whether it holds one side (square inputs)
     or (H, W); everything that sizes an input reads it here."""
-    size = config.DATA.IMG_SIZE
-    return (size, size) if isinstance(size, int) else (size[0], size[1])
+    return models.image_size(config.DATA.IMG_SIZE)

@@ -8,6 +8,7 @@ from .strip_mlp import (
     check_architecture,
     checkpoint_filter_fn,
     clean_state_dict,
+    image_size,
 )
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "check_architecture",
     "checkpoint_filter_fn",
     "clean_state_dict",
+    "image_size",
 ]

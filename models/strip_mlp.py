@@ -247,8 +247,8 @@ def check_architecture(names: Mapping[str, str] | None = None, **arguments: int 
     if len(sides) != 2 or not all(isinstance(side, int) and side > 0 and side % 32 == 0 for side in sides):
         fixed = [max(32, side // 32 * 32) if isinstance(side, int) else 224 for side in sides[:2]]
         shown, fix = (img_size, fixed[0]) if isinstance(img_size, int) else (list(img_size), fixed)
-        raise ValueError(f"{names['img_size']} {shown} must be a multiple of 32, or [H, W] with both multiples of 32 "
-                         f"(the stem's 4 x 2^3 stage downsamplings); use e.g. {fix}")
+        raise ValueError(f"{names['img_size']} {shown} must be a positive multiple of 32, or [H, W] of two (the stem's "
+                         f"4 x 2^3 stage downsamplings); use e.g. {fix}")
     for channels in (embed_dim, 2 * embed_dim, 4 * embed_dim, 8 * embed_dim):
         if channels % (2 * strip_chunks(channels)) != 0:
             raise ValueError(

@@ -141,10 +141,10 @@ def test_img_size_is_a_side_or_height_and_width_and_round_trips(tmp_path: Path) 
         ("[64]", "DATA.IMG_SIZE must be one side or [height, width]"),
         ("large", "DATA.IMG_SIZE must be one side or [height, width]"),
         ("True", "DATA.IMG_SIZE must be one side or [height, width]"),
-        ("[64, 100]", "DATA.IMG_SIZE 100 must be a multiple of 32"),
-        ("[100, 64]", "DATA.IMG_SIZE 100 must be a multiple of 32"),
-        ("[0, 64]", "DATA.IMG_SIZE must be positive, got 0"),
-        ("-64", "DATA.IMG_SIZE must be positive, got -64"),
+        ("[64, 100]", "DATA.IMG_SIZE [64, 100] must be a positive multiple of 32, or [H, W] of two"),
+        ("[100, 64]", "use e.g. [96, 64]"),
+        ("[0, 64]", "DATA.IMG_SIZE [0, 64] must be a positive multiple of 32"),
+        ("-64", "DATA.IMG_SIZE -64 must be a positive multiple of 32"),
     ],
 )
 def test_bad_img_size_is_one_line_naming_the_key(tmp_path: Path, value: str, message: str) -> None:
@@ -171,7 +171,7 @@ def test_bad_img_size_is_one_line_naming_the_key(tmp_path: Path, value: str, mes
         ("TRAIN:\n  OPTIMIZER:\n    NAME: lamb\n", (), "choose one of: adamw, sgd"),
         ("AMP:\n  DTYPE: fp8\n", (), "choose one of: bfloat16, float16"),
         ("MODEL:\n  TYPE: swin\n", (), "MODEL.TYPE 'swin' is not supported; choose one of: strip_mlp"),
-        ("DATA:\n  IMG_SIZE: 100\n", (), "DATA.IMG_SIZE 100 must be a multiple of 32"),
+        ("DATA:\n  IMG_SIZE: 100\n", (), "DATA.IMG_SIZE 100 must be a positive multiple of 32"),
         ("MODEL:\n  STRIP_MLP:\n    LAYERS: [1, 1, 1]\n", (), "MODEL.STRIP_MLP.LAYERS must give 4 stage depths"),
         ("MODEL:\n  STRIP_MLP:\n    PATCH_SIZE: 2\n", (), "MODEL.STRIP_MLP.PATCH_SIZE 2 is not supported"),
         ("MODEL:\n  STRIP_MLP:\n    EMBED_DIM: 12\n", (), "MODEL.STRIP_MLP.EMBED_DIM 12 cannot be split"),

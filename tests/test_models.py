@@ -167,7 +167,7 @@ def test_relative_position_index_is_a_non_persistent_device_buffer() -> None:
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"img_size": 100}, "img_size 100 must be a multiple of 32"),
+    ({"img_size": 100}, "img_size 100 must be a positive multiple of 32"),
     ({"embed_dim": 36}, "embed_dim 36 cannot be split by the strip mixing"),
     ({"layers": (1, 1, 1)}, r"layers must give 4 stage depths of at least one block, got \[1, 1, 1\]"),
     ({"patch_size": 2}, "patch_size 2 is not supported"),
