@@ -118,6 +118,10 @@ def default_config() -> CN:
     c.TRAIN.TF32 = True  # TensorFloat-32 for float32 matmuls and convolutions on GPUs that have it
     c.TRAIN.KEEP_CHECKPOINTS = 0  # how many epoch checkpoints to keep (oldest deleted first); 0 keeps all
     c.TRAIN.SAVE_STEPS = 0  # also write latest.pth every this many updates inside an epoch; 0: at epoch ends only
+    # Layer-wise learning-rate decay for fine-tuning: the head trains at the scheduled rate and each earlier layer
+    # group (block, in forward order; the stem first) at LAYER_DECAY times the next one's. 1.0 turns it off; in
+    # (0, 1], e.g. 0.8 as ConvNeXt and BEiT fine-tune.
+    c.TRAIN.LAYER_DECAY = 1.0
 
     c.TRAIN.LR_SCHEDULER = CN()
     c.TRAIN.LR_SCHEDULER.NAME = "cosine"  # one of CHOICES["TRAIN.LR_SCHEDULER.NAME"]
@@ -320,6 +324,9 @@ def _check_consistency(config: CN) -> None:
                           "DATA.ZIP_MODE True (--zip)")
     if not 0.0 <= config.MODEL.DROP_PATH_RATE < 1.0:
         raise ConfigError(f"MODEL.DROP_PATH_RATE must be in [0, 1), got {config.MODEL.DROP_PATH_RATE}")
+    if not 0.0 < config.TRAIN.LAYER_DECAY <= 1.0:
+        raise ConfigError(f"TRAIN.LAYER_DECAY must be in (0, 1], got {config.TRAIN.LAYER_DECAY}; 1.0 turns layer-wise "
+                          "decay off, 0.8 is a usual fine-tuning value")
 
 
 def _shortcut_values(args: argparse.Namespace) -> list[tuple[str, str, Any]]:

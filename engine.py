@@ -27,6 +27,7 @@ from yacs.config import CfgNode
 from data import DataError, Sample
 from distributed import DistEnv, all_reduce_sum
 from logger import ProgressLine
+from lr_scheduler import scheduled_lr
 from reports import ClassTally
 from utils import RunError, position_seed, seed_everything, unwrap_model
 
@@ -376,7 +377,7 @@ def train_one_epoch(
                                    num_steps * images.shape[0] * env.world_size, where, epoch)
             state.scaler.scale(loss / group_size).backward()
 
-        lr = state.optimizer.param_groups[0]["lr"]  # the rate this update uses, before the schedule moves on
+        lr = scheduled_lr(state.optimizer)  # the rate this update uses, before the schedule moves on
         if is_update:
             update_norm = _optimizer_update(state, settings, where)
             state.global_step += 1
@@ -411,7 +412,7 @@ def train_one_epoch(
     skipped = f", {stats['skipped_updates']} updates skipped by the float16 scaler" if stats["skipped_updates"] else ""
     passed_over = f", {stats['unreadable_images']} unreadable images replaced" if stats["unreadable_images"] else ""
     logger.info(f"EPOCH {epoch} training takes {datetime.timedelta(seconds=int(epoch_time))}{skipped}{passed_over}")
-    return {**stats, "lr": state.optimizer.param_groups[0]["lr"], "epoch_time": epoch_time}
+    return {**stats, "lr": scheduled_lr(state.optimizer), "epoch_time": epoch_time}
 
 
 def eval_logits(model: nn.Module, images: torch.Tensor, settings: StepSettings) -> torch.Tensor:

@@ -55,6 +55,7 @@ from engine import (
     train_one_epoch,
     validate,
 )
+from finetune import layer_scales
 from logger import MetricsLog, close_logger, create_logger
 from lr_scheduler import build_scheduler, effective_learning_rates
 from models import build_model
@@ -134,6 +135,9 @@ def build_training(config: CfgNode, env: DistEnv, logger: logging.Logger) -> Tra
     logger.info(f"learning rates ({config.TRAIN.LR_SCALING} scaling, x{lrs.scale:.4g}): base {lrs.base:.3g}, "
                 f"warm-up {lrs.warmup:.3g}, min {lrs.minimum:.3g}")
     optimizer = build_optimizer(config, model, lrs.base)
+    if config.TRAIN.LAYER_DECAY < 1.0:
+        scales = ", ".join(f"{label} {scale:.3f}" for label, scale in layer_scales(model, optimizer))
+        logger.info(f"layer decay {config.TRAIN.LAYER_DECAY}: learning-rate scales {scales}")
     forward_model = model
     if env.distributed:
         # Buffers stay per rank during the epoch and are averaged at its end (average_bn_statistics).

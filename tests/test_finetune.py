@@ -1,0 +1,191 @@
+"""Fine-tuning controls: layer-wise learning-rate decay and its errors."""
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from run_helpers import run_dir, sample_batch, write_config, write_image_folder
+from yacs.config import CfgNode
+
+import main
+from checkpoint import load_checkpoint_file
+from config import ConfigError, default_config, load_config
+from distributed import DistEnv
+from engine import StepSettings, TrainState, train_one_epoch
+from finetune import layer_groups, layer_scales
+from lr_scheduler import build_scheduler, effective_learning_rates, scheduled_lr
+from models import StripMLPNet
+from optimizer import build_optimizer, is_decayed
+
+CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+LOGGER = logging.getLogger("finetune-test")
+
+# Fine groups of tiny_model(): stem, blocks1.0, blocks2.0, blocks3.0, blocks3.1, blocks4.0, head.
+FINE_LABELS = ["stem", "blocks1.0", "blocks2.0", "blocks3.0", "blocks3.1", "blocks4.0", "head"]
+
+
+def tiny_model(**kwargs) -> StripMLPNet:
+    torch.manual_seed(0)
+    return StripMLPNet(**{"img_size": 64, "num_classes": 10, "embed_dim": 40, "layers": (1, 1, 2, 1), **kwargs})
+
+
+def config_with(*opts) -> CfgNode:
+    config = default_config()
+    config.merge_from_list(["TRAIN.LR_SCALING", "none", "TRAIN.EPOCHS", 4, "TRAIN.WARMUP_EPOCHS", 1, *opts])
+    return config
+
+
+def group_of(model: StripMLPNet) -> dict[str, int]:
+    """Each parameter's fine layer group, in forward order."""
+    return {name: i for i, (_, names) in enumerate(layer_groups(model)) for name in names}
+
+
+# ---------------------------------------------------------------------------------------------- layer-wise decay
+
+
+def test_layer_decay_scales_each_group_by_its_depth() -> None:
+    model = tiny_model()
+    optimizer = build_optimizer(config_with("TRAIN.LAYER_DECAY", 0.8), model, lr=1e-3)
+    assert [label for label, _ in layer_groups(model)] == FINE_LABELS
+    depth = group_of(model)
+    held = []
+    for group in optimizer.param_groups:
+        assert [model.get_parameter(name) for name in group["param_names"]] == group["params"]
+        depths = {depth[name] for name in group["param_names"]}
+        assert len(depths) == 1, group["param_names"]  # one layer group per optimiser group
+        assert group["lr_scale"] == 0.8 ** (len(FINE_LABELS) - 1 - depths.pop())
+        held += group["param_names"]
+    assert sorted(held) == sorted(name for name, _ in model.named_parameters())  # each exactly once
+    scale = {name: group["lr_scale"] for group in optimizer.param_groups for name in group["param_names"]}
+    assert scale["patch_embed.weight"] == min(scale.values()) == 0.8 ** 6
+    assert scale["head.weight"] == scale["norm.weight"] == 1.0
+    assert scale["merging1.weight"] == scale["blocks2.0.channel_mixing.fc2.weight"] == 0.8 ** 4
+    assert scale["blocks3.0.channel_mixing.fc2.weight"] == 0.8 ** 3
+    assert scale["blocks3.1.channel_mixing.fc2.weight"] == 0.8 ** 2
+    assert layer_scales(model, optimizer) == [(label, 0.8 ** (6 - i)) for i, label in enumerate(FINE_LABELS)]
+
+
+def test_layer_decay_keeps_the_weight_decay_rule() -> None:
+    model = tiny_model()
+    optimizer = build_optimizer(config_with("TRAIN.LAYER_DECAY", 0.8, "TRAIN.WEIGHT_DECAY", 0.05), model, lr=1e-3)
+    skip = model.no_weight_decay_keywords()
+    decay = {}
+    for group in optimizer.param_groups:
+        for name in group["param_names"]:
+            decay[name] = group["weight_decay"]
+            assert group["weight_decay"] == (0.05 if is_decayed(name, model.get_parameter(name), skip) else 0.0), name
+    tables = [name for name in decay if "embeddings_table" in name]
+    assert tables and all(decay[name] == 0.0 and model.get_parameter(name).ndim == 2 for name in tables)
+    assert decay["head.weight"] == 0.05 and decay["head.bias"] == 0.0 and decay["patch_embed.weight"] == 0.05
+
+
+def test_layer_decay_off_keeps_two_groups_without_scales() -> None:
+    optimizer = build_optimizer(config_with(), tiny_model(), lr=1e-3)
+    assert [group["weight_decay"] for group in optimizer.param_groups] == [0.05, 0.0]
+    assert not any("lr_scale" in group for group in optimizer.param_groups)
+
+
+def test_the_schedule_applies_each_groups_scale() -> None:
+    """Every update's rate of a group is the plain schedule's rate times the group's scale, in warm-up and decay."""
+    config = config_with("TRAIN.BASE_LR", 1e-3, "TRAIN.WARMUP_LR", 1e-6, "TRAIN.MIN_LR", 1e-5)
+    decayed = config.clone()
+    decayed.merge_from_list(["TRAIN.LAYER_DECAY", 0.5])
+    lrs = effective_learning_rates(config, 1)
+    plain_optimizer = build_optimizer(config, tiny_model(), lrs.base)
+    optimizer = build_optimizer(decayed, tiny_model(), lrs.base)
+    plain = build_scheduler(config, plain_optimizer, 5, lrs)
+    scheduler = build_scheduler(decayed, optimizer, 5, lrs)
+    seen = set()
+    for update in (0, 1, 3, 5, 9, 14, 19):
+        plain.step_update(update)
+        scheduler.step_update(update)
+        rate = plain_optimizer.param_groups[0]["lr"]
+        seen.add(rate)
+        assert scheduled_lr(optimizer) == rate
+        for group in optimizer.param_groups:
+            assert group["lr"] == pytest.approx(rate * group["lr_scale"], rel=1e-12)
+    assert len(seen) == 7 and {group["lr_scale"] for group in optimizer.param_groups} >= {0.5 ** 6, 1.0}
+
+
+def test_an_epoch_logs_the_unscaled_rate() -> None:
+    torch.manual_seed(0)
+    model = StripMLPNet(img_size=32, num_classes=3, embed_dim=8, layers=(1, 1, 1, 1))
+    config = config_with("TRAIN.LAYER_DECAY", 0.8)
+    lrs = effective_learning_rates(config, 1)
+    optimizer = build_optimizer(config, model, lrs.base)
+    state = TrainState(model=model, optimizer=optimizer, scheduler=build_scheduler(config, optimizer, 2, lrs),
+                       scaler=torch.amp.GradScaler("cpu", enabled=False), criterion=torch.nn.CrossEntropyLoss())
+    settings = StepSettings(env=CPU, amp_enabled=False, amp_dtype=torch.bfloat16, channels_last=False,
+                            accumulation_steps=1, clip_grad=0.0, print_freq=1, epochs=4)
+    batches = [sample_batch(torch.randn(4, 3, 32, 32), torch.randint(0, 3, (4,))) for _ in range(2)]
+    stats = train_one_epoch(state, batches, 0, settings, LOGGER)
+    head = next(group for group in optimizer.param_groups if "head.weight" in group["param_names"])
+    assert stats["lr"] == head["lr"] and head["lr_scale"] == 1.0
+    assert optimizer.param_groups[0]["lr"] < stats["lr"]  # the first group, the stem's, trains slower
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp("images"))
+
+
+DECAY_RUN = {"TRAIN": {"LAYER_DECAY": 0.8, "EPOCHS": 2}}
+
+
+@pytest.fixture(scope="module")
+def decay_run(images: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The output folder of two epochs with layer decay, through main.py."""
+    root = tmp_path_factory.mktemp("decay")
+    config = write_config(root / "config.yaml", images, root / "out", DECAY_RUN)
+    assert main.main(["--cfg", str(config)]) == 0
+    return run_dir(root / "out")
+
+
+def test_layer_decay_is_logged(decay_run: Path) -> None:
+    log = (decay_run / "log_rank0.txt").read_text()
+    assert ("layer decay 0.8: learning-rate scales stem 0.328, blocks1.0 0.410, blocks2.0 0.512, blocks3.0 0.640, "
+            "blocks4.0 0.800, head 1.000") in log
+
+
+def test_resume_with_layer_decay_equals_the_straight_run(decay_run: Path, images: Path, tmp_path: Path,
+                                                         caplog) -> None:
+    out = decay_run
+    saved = load_checkpoint_file(out / "ckpt_epoch_0.pth")["optimizer"]["param_groups"]
+    assert len(saved) > 2 and all("param_names" in group and "lr_scale" in group for group in saved)
+    config = write_config(tmp_path / "config.yaml", images, tmp_path / "out", DECAY_RUN)
+    with caplog.at_level(logging.WARNING):
+        assert main.main(["--cfg", str(config), "--resume", str(out / "ckpt_epoch_0.pth")]) == 0
+    assert "does not fit" not in caplog.text
+    resumed = load_checkpoint_file(run_dir(tmp_path / "out") / "latest.pth")
+    straight = load_checkpoint_file(out / "latest.pth")
+    for name, weight in straight["model"].items():
+        assert torch.equal(weight, resumed["model"][name]), name
+    assert straight["optimizer"]["state"].keys() == resumed["optimizer"]["state"].keys()
+    for index, state in straight["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, resumed["optimizer"]["state"][index][key]), (index, key)
+    assert [(g["lr"], g["lr_scale"]) for g in resumed["optimizer"]["param_groups"]] == [
+        (g["lr"], g["lr_scale"]) for g in straight["optimizer"]["param_groups"]]
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(("opts", "message"), [
+    (("TRAIN.LAYER_DECAY", "0"), "TRAIN.LAYER_DECAY must be in (0, 1], got 0.0"),
+    (("TRAIN.LAYER_DECAY", "1.2"), "TRAIN.LAYER_DECAY must be in (0, 1], got 1.2"),
+    (("TRAIN.LAYER_DECAY", "-0.5"), "TRAIN.LAYER_DECAY must be in (0, 1], got -0.5"),
+])
+def test_bad_layer_decay_is_a_one_line_error(tmp_path: Path, opts: tuple, message: str) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(cfg), opts)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_valid_layer_decay_loads(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("TRAIN:\n  LAYER_DECAY: 1\n")
+    assert load_config(str(cfg)).TRAIN.LAYER_DECAY == 1.0 and default_config().TRAIN.LAYER_DECAY == 1.0
