@@ -19,6 +19,7 @@ from yacs.config import CfgNode as CN
 from data import BAD_IMAGE_POLICIES, CACHE_MODES, DATASETS, INTERPOLATIONS, MIXUP_MODES, RANDOM_ERASING_MODES
 from distributed import DEVICES
 from engine import AMP_DTYPES
+from finetune import FREEZE_MODES
 from lr_scheduler import LR_SCALINGS, SCHEDULERS
 from models import ARCHITECTURE_KEYS, DROP_PATH_SCHEDULES, MODEL_TYPES, check_architecture
 from optimizer import OPTIMIZERS
@@ -36,6 +37,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "TRAIN.LR_SCHEDULER.NAME": SCHEDULERS,
     "TRAIN.OPTIMIZER.NAME": OPTIMIZERS,
     "TRAIN.LR_SCALING": LR_SCALINGS,
+    "TRAIN.FREEZE": FREEZE_MODES,
     "AUG.REMODE": RANDOM_ERASING_MODES,
     "AUG.MIXUP_MODE": MIXUP_MODES,
     "AMP.DTYPE": tuple(AMP_DTYPES),
@@ -122,6 +124,10 @@ def default_config() -> CN:
     # group (block, in forward order; the stem first) at LAYER_DECAY times the next one's. 1.0 turns it off; in
     # (0, 1], e.g. 0.8 as ConvNeXt and BEiT fine-tune.
     c.TRAIN.LAYER_DECAY = 1.0
+    # Parameters left untouched by training, one of CHOICES["TRAIN.FREEZE"]: "" none; "backbone" all but the
+    # classifier; "stage1".."stage4" the stem and the stages up to that one, with the merging and skip layers that
+    # feed them. Frozen BatchNorm layers also keep their running statistics.
+    c.TRAIN.FREEZE = ""
 
     c.TRAIN.LR_SCHEDULER = CN()
     c.TRAIN.LR_SCHEDULER.NAME = "cosine"  # one of CHOICES["TRAIN.LR_SCHEDULER.NAME"]
@@ -204,7 +210,8 @@ def _coerce(value: Any, default: Any, key: str, source: str) -> Any:
     if type(value) is not type(default):
         raise ConfigError(f"{source}: {key} expects type {type(default).__name__} (like {default!r}), got {value!r}")
     if key in CHOICES and value not in CHOICES[key]:
-        raise ConfigError(f"{source}: {key} {value!r} is not supported; choose one of: {', '.join(CHOICES[key])}")
+        choices = ", ".join(choice or repr(choice) for choice in CHOICES[key])  # '' for an empty choice
+        raise ConfigError(f"{source}: {key} {value!r} is not supported; choose one of: {choices}")
     return value
 
 

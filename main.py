@@ -55,7 +55,7 @@ from engine import (
     train_one_epoch,
     validate,
 )
-from finetune import layer_scales
+from finetune import freeze, freezing_summary, layer_scales
 from logger import MetricsLog, close_logger, create_logger
 from lr_scheduler import build_scheduler, effective_learning_rates
 from models import build_model
@@ -134,6 +134,9 @@ def build_training(config: CfgNode, env: DistEnv, logger: logging.Logger) -> Tra
     lrs = effective_learning_rates(config, env.world_size)
     logger.info(f"learning rates ({config.TRAIN.LR_SCALING} scaling, x{lrs.scale:.4g}): base {lrs.base:.3g}, "
                 f"warm-up {lrs.warmup:.3g}, min {lrs.minimum:.3g}")
+    if config.TRAIN.FREEZE:
+        freeze(model, config.TRAIN.FREEZE)  # before the optimiser, DDP and the EMA copy see the parameters
+        logger.info(freezing_summary(model, config.TRAIN.FREEZE))
     optimizer = build_optimizer(config, model, lrs.base)
     if config.TRAIN.LAYER_DECAY < 1.0:
         scales = ", ".join(f"{label} {scale:.3f}" for label, scale in layer_scales(model, optimizer))

@@ -1,19 +1,23 @@
-"""Fine-tuning controls: layer-wise learning-rate decay and its errors."""
+"""Fine-tuning controls: layer-wise learning-rate decay, freezing (with BatchNorm statistics kept), and their
+errors."""
 
+import copy
 import logging
+import re
 from pathlib import Path
 
 import pytest
 import torch
-from run_helpers import run_dir, sample_batch, write_config, write_image_folder
+import torch.distributed as dist
+from run_helpers import launch, load_weights, run_dir, sample_batch, write_config, write_image_folder
 from yacs.config import CfgNode
 
 import main
 from checkpoint import load_checkpoint_file
-from config import ConfigError, default_config, load_config
+from config import CHOICES, ConfigError, default_config, load_config
 from distributed import DistEnv
-from engine import StepSettings, TrainState, train_one_epoch
-from finetune import layer_groups, layer_scales
+from engine import StepSettings, TrainState, average_bn_statistics, train_one_epoch
+from finetune import FREEZE_MODES, freeze, frozen_norms, layer_groups, layer_scales
 from lr_scheduler import build_scheduler, effective_learning_rates, scheduled_lr
 from models import StripMLPNet
 from optimizer import build_optimizer, is_decayed
@@ -34,6 +38,11 @@ def config_with(*opts) -> CfgNode:
     config = default_config()
     config.merge_from_list(["TRAIN.LR_SCALING", "none", "TRAIN.EPOCHS", 4, "TRAIN.WARMUP_EPOCHS", 1, *opts])
     return config
+
+
+def modules_of(names: list[str]) -> set[str]:
+    """'blocks3.1.token_mixing...' -> 'blocks3', 'merging2.weight' -> 'merging2'."""
+    return {name.split(".")[0] for name in names}
 
 
 def group_of(model: StripMLPNet) -> dict[str, int]:
@@ -125,37 +134,112 @@ def test_an_epoch_logs_the_unscaled_rate() -> None:
     assert optimizer.param_groups[0]["lr"] < stats["lr"]  # the first group, the stem's, trains slower
 
 
+# ---------------------------------------------------------------------------------------------- freezing
+
+# Top-level modules each mode freezes in tiny_model(); the merging and skip layers go with the stage they feed.
+FROZEN_MODULES = {
+    "": set(),
+    "stage1": {"patch_embed", "blocks1"},
+    "stage2": {"patch_embed", "blocks1", "merging1", "blocks2"},
+    "stage3": {"patch_embed", "blocks1", "merging1", "blocks2", "merging2", "conv_s1_28", "blocks3"},
+    "stage4": {"patch_embed", "blocks1", "merging1", "blocks2", "merging2", "conv_s1_28", "blocks3", "merging3",
+               "conv_s1_14", "conv_s2_14", "blocks4"},
+    "backbone": {"patch_embed", "blocks1", "merging1", "blocks2", "merging2", "conv_s1_28", "blocks3", "merging3",
+                 "conv_s1_14", "conv_s2_14", "blocks4", "norm"},
+}
+
+
+def test_freeze_modes_are_the_config_choices() -> None:
+    assert CHOICES["TRAIN.FREEZE"] is FREEZE_MODES and set(FROZEN_MODULES) == set(FREEZE_MODES)
+
+
+@pytest.mark.parametrize("layer_decay", [1.0, 0.8])
+@pytest.mark.parametrize("mode", FREEZE_MODES)
+def test_freeze_leaves_only_the_rest_to_the_optimiser(mode: str, layer_decay: float) -> None:
+    model = tiny_model()
+    frozen = freeze(model, mode)
+    assert modules_of(frozen) == FROZEN_MODULES[mode]
+    assert all(not model.get_parameter(name).requires_grad for name in frozen)
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert sorted(trainable + frozen) == sorted(name for name, _ in model.named_parameters())
+    assert "head.weight" in trainable and not modules_of(trainable) & FROZEN_MODULES[mode]
+    optimizer = build_optimizer(config_with("TRAIN.LAYER_DECAY", layer_decay), model, lr=1e-3)
+    held = [id(p) for group in optimizer.param_groups for p in group["params"]]
+    assert sorted(held) == sorted(id(model.get_parameter(name)) for name in trainable)
+    assert {name for group in optimizer.param_groups for name in group["param_names"]} == set(trainable)
+    norms = {name for name, _ in frozen_norms(model)}
+    assert norms == {name for name, m in model.named_modules()
+                     if isinstance(m, torch.nn.BatchNorm2d) and name.split(".")[0] in FROZEN_MODULES[mode]}
+    if layer_decay < 1:  # frozen groups drop out; the others keep their scales
+        labels = [label for label, _ in layer_scales(model, optimizer)]
+        assert labels[-1] == "head" and ("stem" in labels) == (mode == "")
+
+
+def pretrained_file(path: Path) -> Path:
+    """Weights of write_config's tiny model, with BatchNorm statistics of their own (not the fresh 0 and 1)."""
+    torch.manual_seed(3)
+    model = StripMLPNet(img_size=32, num_classes=3, embed_dim=8, layers=(1, 1, 1, 1))
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+            module.num_batches_tracked.fill_(7)
+    torch.save({"model": model.state_dict()}, path)
+    return path
+
+
+FREEZE_RUN = {"TRAIN": {"FREEZE": "stage2", "LAYER_DECAY": 0.8, "EPOCHS": 2, "EMA": {"ENABLE": True, "DECAY": 0.9}}}
+FROZEN_PREFIXES = ("patch_embed.", "blocks1.", "merging1.", "blocks2.")
+
+
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_image_folder(tmp_path_factory.mktemp("images"))
 
 
-DECAY_RUN = {"TRAIN": {"LAYER_DECAY": 0.8, "EPOCHS": 2}}
-
-
 @pytest.fixture(scope="module")
-def decay_run(images: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The output folder of two epochs with layer decay, through main.py."""
-    root = tmp_path_factory.mktemp("decay")
-    config = write_config(root / "config.yaml", images, root / "out", DECAY_RUN)
-    assert main.main(["--cfg", str(config)]) == 0
-    return run_dir(root / "out")
+def frozen_run(images: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(output folder, pretrained file) of two epochs from pretrained weights with stages 1-2 frozen and layer
+    decay, through main.py."""
+    root = tmp_path_factory.mktemp("frozen")
+    pretrained = pretrained_file(root / "pretrained.pth")
+    config = write_config(root / "config.yaml", images, root / "out", FREEZE_RUN)
+    assert main.main(["--cfg", str(config), "--pretrained", str(pretrained)]) == 0
+    return run_dir(root / "out"), pretrained
 
 
-def test_layer_decay_is_logged(decay_run: Path) -> None:
-    log = (decay_run / "log_rank0.txt").read_text()
-    assert ("layer decay 0.8: learning-rate scales stem 0.328, blocks1.0 0.410, blocks2.0 0.512, blocks3.0 0.640, "
-            "blocks4.0 0.800, head 1.000") in log
+def test_a_frozen_part_is_bit_identical_after_training(frozen_run: tuple[Path, Path]) -> None:
+    """Weights, BatchNorm running statistics and counts of the frozen stages, in the model and its EMA, are the
+    pretrained ones after two epochs (each epoch calls model.train() again); the rest trained."""
+    out, pretrained = frozen_run
+    before = load_weights(pretrained)
+    checkpoint = load_checkpoint_file(out / "latest.pth")
+    assert checkpoint["epoch"] == 1
+    for weights in (checkpoint["model"], checkpoint["model_ema"]):
+        assert weights.keys() == before.keys()
+        frozen = [name for name in before if name.startswith(FROZEN_PREFIXES)]
+        assert any(name.endswith("running_var") for name in frozen)
+        for name in frozen:
+            assert torch.equal(weights[name], before[name]), name
+        for name in ("merging2.weight", "blocks3.0.token_mixing.dwsc.conv_merge.BN.running_mean", "head.weight"):
+            assert not torch.equal(weights[name], before[name]), name
+    tracked = "blocks3.0.token_mixing.dwsc.conv_merge.BN.num_batches_tracked"
+    assert checkpoint["model"][tracked] == 7 + 12  # two epochs of six steps, in training mode
+    log = (out / "log_rank0.txt").read_text()
+    assert re.search(r"TRAIN\.FREEZE stage2: [\d,]+ parameters frozen \(patch_embed, blocks1, merging1, blocks2\), "
+                     r"[\d,]+ trainable; 6 frozen BatchNorm layers stay in eval mode", log)
+    assert "layer decay 0.8: learning-rate scales blocks3.0 0.640, blocks4.0 0.800, head 1.000" in log
 
 
-def test_resume_with_layer_decay_equals_the_straight_run(decay_run: Path, images: Path, tmp_path: Path,
-                                                         caplog) -> None:
-    out = decay_run
+def test_resume_with_layer_decay_and_freezing_equals_the_straight_run(frozen_run: tuple[Path, Path], images: Path,
+                                                                      tmp_path: Path, caplog) -> None:
+    out, pretrained = frozen_run
     saved = load_checkpoint_file(out / "ckpt_epoch_0.pth")["optimizer"]["param_groups"]
     assert len(saved) > 2 and all("param_names" in group and "lr_scale" in group for group in saved)
-    config = write_config(tmp_path / "config.yaml", images, tmp_path / "out", DECAY_RUN)
+    config = write_config(tmp_path / "config.yaml", images, tmp_path / "out", FREEZE_RUN)
     with caplog.at_level(logging.WARNING):
-        assert main.main(["--cfg", str(config), "--resume", str(out / "ckpt_epoch_0.pth")]) == 0
+        assert main.main(["--cfg", str(config), "--pretrained", str(pretrained),
+                          "--resume", str(out / "ckpt_epoch_0.pth")]) == 0
     assert "does not fit" not in caplog.text
     resumed = load_checkpoint_file(run_dir(tmp_path / "out") / "latest.pth")
     straight = load_checkpoint_file(out / "latest.pth")
@@ -169,6 +253,47 @@ def test_resume_with_layer_decay_equals_the_straight_run(decay_run: Path, images
         (g["lr"], g["lr_scale"]) for g in straight["optimizer"]["param_groups"]]
 
 
+def average_worker(tmp_path: Path) -> tuple[StripMLPNet, StripMLPNet]:
+    model = StripMLPNet(img_size=32, num_classes=3, embed_dim=8, layers=(1, 1, 1, 1))
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.fill_(3.0)
+    freeze(model, "stage1")
+    before = copy.deepcopy(model)
+    state = TrainState(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), scheduler=None,
+                       scaler=torch.amp.GradScaler("cpu", enabled=False), criterion=torch.nn.CrossEntropyLoss())
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        # One process standing for three: the sum over "ranks" is its own value, so an average divides it by 3.
+        average_bn_statistics(state, False, DistEnv(rank=0, world_size=3, local_rank=0, device=torch.device("cpu")))
+    finally:
+        dist.destroy_process_group()
+    return before, model
+
+
+def test_averaging_statistics_across_ranks_leaves_frozen_norms_alone(tmp_path: Path) -> None:
+    before, after = average_worker(tmp_path)
+    frozen = {name for name, _ in frozen_norms(after)}
+    assert frozen and all(name.startswith(("patch_embed", "blocks1.")) for name in frozen)
+    for name, module in after.named_modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            expected = 3.0 if name in frozen else 1.0
+            assert torch.equal(module.running_mean, torch.full_like(module.running_mean, expected)), name
+
+
+@pytest.mark.slow
+def test_freezing_under_two_ddp_processes(images: Path, tmp_path: Path) -> None:
+    pretrained = pretrained_file(tmp_path / "pretrained.pth")
+    extra = {"TRAIN": {"FREEZE": "stage2", "LAYER_DECAY": 0.8, "EPOCHS": 1}}
+    config = write_config(tmp_path / "config.yaml", images, tmp_path / "out", extra)
+    result = launch(["--cfg", str(config), "--pretrained", str(pretrained)], nproc=2)
+    assert result.returncode == 0, result.stdout + result.stderr
+    before = load_weights(pretrained)
+    after = load_weights(run_dir(tmp_path / "out") / "latest.pth")
+    assert all(torch.equal(after[name], before[name]) for name in before if name.startswith(FROZEN_PREFIXES))
+    assert not torch.equal(after["head.weight"], before["head.weight"])
+
+
 # ---------------------------------------------------------------------------------------------- config
 
 
@@ -176,8 +301,10 @@ def test_resume_with_layer_decay_equals_the_straight_run(decay_run: Path, images
     (("TRAIN.LAYER_DECAY", "0"), "TRAIN.LAYER_DECAY must be in (0, 1], got 0.0"),
     (("TRAIN.LAYER_DECAY", "1.2"), "TRAIN.LAYER_DECAY must be in (0, 1], got 1.2"),
     (("TRAIN.LAYER_DECAY", "-0.5"), "TRAIN.LAYER_DECAY must be in (0, 1], got -0.5"),
+    (("TRAIN.FREEZE", "stage5"),
+     "TRAIN.FREEZE 'stage5' is not supported; choose one of: '', backbone, stage1, stage2, stage3, stage4"),
 ])
-def test_bad_layer_decay_is_a_one_line_error(tmp_path: Path, opts: tuple, message: str) -> None:
+def test_bad_fine_tuning_keys_are_one_line_errors(tmp_path: Path, opts: tuple, message: str) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text("")
     with pytest.raises(ConfigError) as info:
@@ -185,7 +312,9 @@ def test_bad_layer_decay_is_a_one_line_error(tmp_path: Path, opts: tuple, messag
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
-def test_valid_layer_decay_loads(tmp_path: Path) -> None:
+def test_valid_fine_tuning_keys_load(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("TRAIN:\n  LAYER_DECAY: 1\n")
-    assert load_config(str(cfg)).TRAIN.LAYER_DECAY == 1.0 and default_config().TRAIN.LAYER_DECAY == 1.0
+    cfg.write_text("TRAIN:\n  LAYER_DECAY: 1\n  FREEZE: stage3\n")
+    config = load_config(str(cfg))
+    assert (config.TRAIN.LAYER_DECAY, config.TRAIN.FREEZE) == (1.0, "stage3")
+    assert (default_config().TRAIN.LAYER_DECAY, default_config().TRAIN.FREEZE) == (1.0, "")
