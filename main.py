@@ -78,8 +78,20 @@ def check_request(config: CfgNode, env: DistEnv) -> None:
             raise RunError(f"{output_dir} already holds checkpoints and TRAIN.AUTO_RESUME is off; resume with "
                            "--resume FILE or TRAIN.AUTO_RESUME True, or choose another --output/--tag")
 
-    if not (config.EVAL_MODE or config.THROUGHPUT_MODE):
+    def check_pretrained() -> None:
+        # A fine-tuning config names its weights by a path relative to where the run starts; missing, they would
+        # stop the run only after the datasets are read.
+        resuming = config.MODEL.RESUME or (training and config.TRAIN.AUTO_RESUME and resumable_checkpoints(output_dir))
+        path = Path(config.MODEL.PRETRAINED)
+        if not resuming and not path.is_file():
+            raise RunError(f"MODEL.PRETRAINED {path} not found (looked for {path.absolute()}); put the weights there "
+                           "or give --pretrained FILE")
+
+    training = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
+    if training:
         on_rank0(check_output, env)  # rank 0's view of the output folder decides for all
+    if config.MODEL.PRETRAINED and (training or config.EVAL_MODE):
+        on_rank0(check_pretrained, env)  # rank 0 reads the weights
 
 
 def build_network(config: CfgNode, env: DistEnv, logger: logging.Logger) -> nn.Module:

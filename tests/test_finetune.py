@@ -1,5 +1,5 @@
-"""Fine-tuning controls: layer-wise learning-rate decay, freezing (with BatchNorm statistics kept), and their
-errors."""
+"""Fine-tuning controls: layer-wise learning-rate decay, freezing (with BatchNorm statistics kept), the fine-tuning
+configs, and their errors."""
 
 import copy
 import logging
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from run_helpers import launch, load_weights, run_dir, sample_batch, write_config, write_image_folder
+from run_helpers import REPO, launch, load_weights, run_dir, sample_batch, write_config, write_image_folder
 from yacs.config import CfgNode
 
 import main
@@ -318,3 +318,52 @@ def test_valid_fine_tuning_keys_load(tmp_path: Path) -> None:
     config = load_config(str(cfg))
     assert (config.TRAIN.LAYER_DECAY, config.TRAIN.FREEZE) == (1.0, "stage3")
     assert (default_config().TRAIN.LAYER_DECAY, default_config().TRAIN.FREEZE) == (1.0, "")
+
+
+VARIANTS = ("tiny_light", "tiny", "small", "base")
+TRANSFER = {"cifar10": ("cifar10", 10), "cifar100": ("cifar100", 100), "caltech101": ("caltech101", 101)}
+FINETUNE_FILES = sorted((REPO / "configs" / "finetune").rglob("*.yaml"))
+
+
+def test_every_variant_has_its_fine_tuning_configs() -> None:
+    names = {str(path.relative_to(REPO / "configs" / "finetune")) for path in FINETUNE_FILES}
+    assert names == {f"{folder}/strip_mlp_{v}.yaml" for folder in ("imagenet1k_384", *TRANSFER) for v in VARIANTS}
+
+
+@pytest.mark.parametrize("path", FINETUNE_FILES, ids=lambda p: str(p.relative_to(REPO / "configs" / "finetune")))
+def test_fine_tuning_config_values(path: Path) -> None:
+    config = load_config(str(path))
+    folder, variant = path.parent.name, path.stem.removeprefix("strip_mlp_")
+    released = load_config(str(REPO / "configs" / "imagenet1k" / path.name))
+    assert config.MODEL.STRIP_MLP == released.MODEL.STRIP_MLP  # the variant the weights come from
+    assert config.MODEL.DROP_PATH_RATE == released.MODEL.DROP_PATH_RATE
+    assert config.MODEL.PRETRAINED == f"pretrained/strip_mlp_{variant}_224.pth"
+    assert config.TRAIN.LR_SCALING == "linear" and config.TRAIN.LR_REFERENCE_BATCH == 512
+    assert (config.TRAIN.LAYER_DECAY, config.TRAIN.FREEZE) == (1.0, "")
+    train = config.TRAIN
+    if folder == "imagenet1k_384":
+        assert (config.DATA.DATASET, config.MODEL.NUM_CLASSES, config.DATA.IMG_SIZE) == ("imagenet", 1000, 384)
+        assert (train.EPOCHS, train.WARMUP_EPOCHS, train.WEIGHT_DECAY) == (30, 5, 1e-8)
+        assert (train.BASE_LR, train.WARMUP_LR, train.MIN_LR) == (2e-5, 2e-8, 2e-7)
+        assert config.TEST.CROP is False
+        assert config.MODEL.NAME == f"strip_mlp_{variant}_imagenet1k_384"
+    else:
+        assert (config.DATA.DATASET, config.MODEL.NUM_CLASSES) == TRANSFER[folder] and config.DATA.IMG_SIZE == 224
+        assert (train.EPOCHS, train.WARMUP_EPOCHS, train.WEIGHT_DECAY) == (1000, 5, 0.05)
+        assert (train.BASE_LR, train.WARMUP_LR, train.MIN_LR) == (5e-6, 1e-6, 5e-8)
+        assert config.TEST.CROP is True
+        assert config.MODEL.NAME == f"strip_mlp_{variant}_{folder}_finetune"
+    # 64 per process on 8 processes: the stated rates times 512 / 512.
+    assert effective_learning_rates(config, 8).base == train.BASE_LR
+
+
+def test_missing_pretrained_weights_stop_at_once_naming_the_file_and_the_flag(images: Path, tmp_path: Path,
+                                                                             capsys) -> None:
+    config = write_config(tmp_path / "config.yaml", images, tmp_path / "out",
+                          {"MODEL": {"PRETRAINED": "pretrained/none_224.pth"}})
+    assert main.main(["--cfg", str(config)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "MODEL.PRETRAINED pretrained/none_224.pth not found" in err and "--pretrained FILE" in err
+    assert "\n" not in err and not (run_dir(tmp_path / "out") / "latest.pth").exists()
+    assert main.main(["--cfg", str(config), "--eval"]) == 1  # evaluation would read them too
+    assert "MODEL.PRETRAINED pretrained/none_224.pth not found" in capsys.readouterr().err
