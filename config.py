@@ -19,6 +19,7 @@ from yacs.config import CfgNode as CN
 from data import BAD_IMAGE_POLICIES, CACHE_MODES, DATASETS, INTERPOLATIONS, MIXUP_MODES, RANDOM_ERASING_MODES
 from distributed import DEVICES
 from engine import AMP_DTYPES
+from finetune import FREEZE_MODES
 from lr_scheduler import LR_SCALINGS, SCHEDULERS
 from models import ARCHITECTURE_KEYS, DROP_PATH_SCHEDULES, MODEL_TYPES, check_architecture
 from optimizer import OPTIMIZERS
@@ -36,6 +37,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "TRAIN.LR_SCHEDULER.NAME": SCHEDULERS,
     "TRAIN.OPTIMIZER.NAME": OPTIMIZERS,
     "TRAIN.LR_SCALING": LR_SCALINGS,
+    "TRAIN.FREEZE": FREEZE_MODES,
     "AUG.REMODE": RANDOM_ERASING_MODES,
     "AUG.MIXUP_MODE": MIXUP_MODES,
     "AMP.DTYPE": tuple(AMP_DTYPES),
@@ -120,6 +122,14 @@ def default_config() -> CN:
     c.TRAIN.TF32 = True  # TensorFloat-32 for float32 matmuls and convolutions on GPUs that have it
     c.TRAIN.KEEP_CHECKPOINTS = 0  # how many epoch checkpoints to keep (oldest deleted first); 0 keeps all
     c.TRAIN.SAVE_STEPS = 0  # also write latest.pth every this many updates inside an epoch; 0: at epoch ends only
+    # Layer-wise learning-rate decay for fine-tuning: the head trains at the scheduled rate and each earlier layer
+    # group (block, in forward order; the stem first) at LAYER_DECAY times the next one's. 1.0 turns it off; in
+    # (0, 1], e.g. 0.8 as ConvNeXt and BEiT fine-tune.
+    c.TRAIN.LAYER_DECAY = 1.0
+    # Parameters left untouched by training, one of CHOICES["TRAIN.FREEZE"]: "" none; "backbone" all but the
+    # classifier; "stage1".."stage4" the stem and the stages up to that one, with the merging and skip layers that
+    # feed them. Frozen BatchNorm layers also keep their running statistics.
+    c.TRAIN.FREEZE = ""
 
     c.TRAIN.LR_SCHEDULER = CN()
     c.TRAIN.LR_SCHEDULER.NAME = "cosine"  # one of CHOICES["TRAIN.LR_SCHEDULER.NAME"]
@@ -202,7 +212,8 @@ def _coerce(value: Any, default: Any, key: str, source: str) -> Any:
     if type(value) is not type(default):
         raise ConfigError(f"{source}: {key} expects type {type(default).__name__} (like {default!r}), got {value!r}")
     if key in CHOICES and value not in CHOICES[key]:
-        raise ConfigError(f"{source}: {key} {value!r} is not supported; choose one of: {', '.join(CHOICES[key])}")
+        choices = ", ".join(choice or repr(choice) for choice in CHOICES[key])  # '' for an empty choice
+        raise ConfigError(f"{source}: {key} {value!r} is not supported; choose one of: {choices}")
     return value
 
 
@@ -337,6 +348,9 @@ def _check_consistency(config: CN) -> None:
                           "DATA.ZIP_MODE True (--zip)")
     if not 0.0 <= config.MODEL.DROP_PATH_RATE < 1.0:
         raise ConfigError(f"MODEL.DROP_PATH_RATE must be in [0, 1), got {config.MODEL.DROP_PATH_RATE}")
+    if not 0.0 < config.TRAIN.LAYER_DECAY <= 1.0:
+        raise ConfigError(f"TRAIN.LAYER_DECAY must be in (0, 1], got {config.TRAIN.LAYER_DECAY}; 1.0 turns layer-wise "
+                          "decay off, 0.8 is a usual fine-tuning value")
 
 
 def _shortcut_values(args: argparse.Namespace) -> list[tuple[str, str, Any]]:

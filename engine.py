@@ -20,13 +20,15 @@ import torch
 import torch.nn.functional as F
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.scheduler.scheduler import Scheduler
-from timm.utils import ModelEmaV3, distribute_bn
+from timm.utils import ModelEmaV3
 from torch import nn
 from yacs.config import CfgNode
 
 from data import DataError, Sample
 from distributed import DistEnv, all_reduce_sum
+from finetune import frozen_norms, set_frozen_norms_eval
 from logger import ProgressLine
+from lr_scheduler import scheduled_lr
 from reports import ClassTally
 from utils import RunError, position_seed, seed_everything, unwrap_model
 
@@ -96,11 +98,17 @@ def build_criterion(config: CfgNode, mixup_active: bool) -> nn.Module:
 
 def average_bn_statistics(state: TrainState, sync_bn: bool, env: DistEnv) -> None:
     """Average BatchNorm running statistics across ranks (each rank saw only its own shard), unless SyncBN
-    already keeps them identical."""
-    if env.distributed and not sync_bn:
-        distribute_bn(unwrap_model(state.model), env.world_size, reduce=True)
-        if state.ema is not None:
-            distribute_bn(state.ema.module, env.world_size, reduce=True)
+    already keeps them identical. Frozen BatchNorms (TRAIN.FREEZE) are left alone: they hold the same statistics
+    on every rank, which an average over 3 or 6 ranks could still change in the last bit."""
+    if not env.distributed or sync_bn:
+        return
+    model = unwrap_model(state.model)
+    frozen = {name for name, _ in frozen_norms(model)}
+    for module in (model, *([state.ema.module] if state.ema is not None else [])):
+        for name, norm in module.named_modules():
+            if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.track_running_stats and name not in frozen:
+                for statistic in (norm.running_mean, norm.running_var):
+                    all_reduce_sum(statistic, env).div_(env.world_size)
 
 
 class UnreadableImages:
@@ -347,6 +355,7 @@ def train_one_epoch(
     env = settings.env
     device = env.device
     state.model.train()
+    set_frozen_norms_eval(state.model)  # frozen BatchNorms (TRAIN.FREEZE) keep their running statistics
     state.optimizer.zero_grad(set_to_none=True)
     num_steps = start_step + len(loader)
     accumulation = settings.accumulation_steps
@@ -376,7 +385,7 @@ def train_one_epoch(
                                    num_steps * images.shape[0] * env.world_size, where, epoch)
             state.scaler.scale(loss / group_size).backward()
 
-        lr = state.optimizer.param_groups[0]["lr"]  # the rate this update uses, before the schedule moves on
+        lr = scheduled_lr(state.optimizer)  # the rate this update uses, before the schedule moves on
         if is_update:
             update_norm = _optimizer_update(state, settings, where)
             state.global_step += 1
@@ -411,7 +420,7 @@ def train_one_epoch(
     skipped = f", {stats['skipped_updates']} updates skipped by the float16 scaler" if stats["skipped_updates"] else ""
     passed_over = f", {stats['unreadable_images']} unreadable images replaced" if stats["unreadable_images"] else ""
     logger.info(f"EPOCH {epoch} training takes {datetime.timedelta(seconds=int(epoch_time))}{skipped}{passed_over}")
-    return {**stats, "lr": state.optimizer.param_groups[0]["lr"], "epoch_time": epoch_time}
+    return {**stats, "lr": scheduled_lr(state.optimizer), "epoch_time": epoch_time}
 
 
 def eval_logits(model: nn.Module, images: torch.Tensor, settings: StepSettings) -> torch.Tensor:

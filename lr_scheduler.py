@@ -1,7 +1,8 @@
 """Learning-rate schedules with warm-up, stepped once per optimiser update (not per epoch).
 
 The schedules are timm's, built with ``t_in_epochs=False`` and counted in updates, so that gradient
-accumulation and the last incomplete accumulation group of an epoch are counted correctly.
+accumulation and the last incomplete accumulation group of an epoch are counted correctly. A parameter group with
+an ``lr_scale`` (TRAIN.LAYER_DECAY) gets the scheduled rate times that scale: timm's ``update_groups`` applies it.
 """
 
 from dataclasses import dataclass
@@ -68,3 +69,9 @@ def build_scheduler(config: CfgNode, optimizer: torch.optim.Optimizer, updates_p
     raise ValueError(
         f"Invalid TRAIN.LR_SCHEDULER.NAME {train.LR_SCHEDULER.NAME!r}. Only {', '.join(SCHEDULERS)} are supported."
     )
+
+
+def scheduled_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The schedule's current rate, unscaled: that of the group with the largest ``lr_scale`` (the head's, 1.0,
+    under layer-wise decay; every group's without it)."""
+    return max(optimizer.param_groups, key=lambda group: group.get("lr_scale", 1.0))["lr"]

@@ -55,6 +55,7 @@ from engine import (
     train_one_epoch,
     validate,
 )
+from finetune import freeze, freezing_summary, layer_scales
 from logger import MetricsLog, close_logger, create_logger
 from lr_scheduler import build_scheduler, effective_learning_rates
 from models import build_model
@@ -77,8 +78,20 @@ def check_request(config: CfgNode, env: DistEnv) -> None:
             raise RunError(f"{output_dir} already holds checkpoints and TRAIN.AUTO_RESUME is off; resume with "
                            "--resume FILE or TRAIN.AUTO_RESUME True, or choose another --output/--tag")
 
-    if not (config.EVAL_MODE or config.THROUGHPUT_MODE):
+    def check_pretrained() -> None:
+        # A fine-tuning config names its weights by a path relative to where the run starts; missing, they would
+        # stop the run only after the datasets are read.
+        resuming = config.MODEL.RESUME or (training and config.TRAIN.AUTO_RESUME and resumable_checkpoints(output_dir))
+        path = Path(config.MODEL.PRETRAINED)
+        if not resuming and not path.is_file():
+            raise RunError(f"MODEL.PRETRAINED {path} not found (looked for {path.absolute()}); put the weights there "
+                           "or give --pretrained FILE")
+
+    training = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
+    if training:
         on_rank0(check_output, env)  # rank 0's view of the output folder decides for all
+    if config.MODEL.PRETRAINED and (training or config.EVAL_MODE):
+        on_rank0(check_pretrained, env)  # rank 0 reads the weights
 
 
 def build_network(config: CfgNode, env: DistEnv, logger: logging.Logger) -> nn.Module:
@@ -134,7 +147,13 @@ def build_training(config: CfgNode, env: DistEnv, logger: logging.Logger) -> Tra
     lrs = effective_learning_rates(config, env.world_size)
     logger.info(f"learning rates ({config.TRAIN.LR_SCALING} scaling, x{lrs.scale:.4g}): base {lrs.base:.3g}, "
                 f"warm-up {lrs.warmup:.3g}, min {lrs.minimum:.3g}")
+    if config.TRAIN.FREEZE:
+        freeze(model, config.TRAIN.FREEZE)  # before the optimiser, DDP and the EMA copy see the parameters
+        logger.info(freezing_summary(model, config.TRAIN.FREEZE))
     optimizer = build_optimizer(config, model, lrs.base)
+    if config.TRAIN.LAYER_DECAY < 1.0:
+        scales = ", ".join(f"{label} {scale:.3f}" for label, scale in layer_scales(model, optimizer))
+        logger.info(f"layer decay {config.TRAIN.LAYER_DECAY}: learning-rate scales {scales}")
     forward_model = model
     if env.distributed:
         # Buffers stay per rank during the epoch and are averaged at its end (average_bn_statistics).
