@@ -1,15 +1,21 @@
 """Transfer: parameter groups in forward order, resampling to other input sizes, the feature API."""
 
+import sys
 from pathlib import Path
 
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from conftest import TinyRun
 from timm.models import group_parameters
 
+import main
 from models.resample import interpolation_matrix, resample_position_table, resample_projection
 from models.strip_mlp import StripMLPNet, checkpoint_filter_fn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import resize_eval  # noqa: E402  (tools/ is a folder of scripts, not a package)
 
 
 def tiny_model(**kwargs) -> StripMLPNet:
@@ -248,3 +254,28 @@ def test_a_feature_pyramid_consumes_the_maps_and_gradients_reach_the_stem() -> N
     sum(m.square().mean() for m in maps.values()).backward()
     stem = backbone.model.patch_embed.weight.grad
     assert stem is not None and stem.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tools/resize_eval.py
+
+
+def test_resize_eval_resampled_column_is_what_eval_at_that_size_gives(tiny_run: TinyRun, tmp_path: Path,
+                                                                      capsys) -> None:
+    assert resize_eval.main(["--resume", str(tiny_run.checkpoint), "--sizes", "64", "[32, 64]"]) == 0
+    rows = [line.strip("|").split("|") for line in capsys.readouterr().out.splitlines()[2:]]
+    table = {cells[0].strip(): [cell.strip() for cell in cells[1:]] for cells in rows}
+    assert list(table) == ["32x32", "64x64", "32x64"]
+    assert table["32x32"][0] == "1" and table["32x32"][1] == table["32x32"][2]  # nothing to resample or re-initialise
+    assert table["64x64"][0] == "2" and table["32x64"][0] == "1 x 2"
+    assert main.main(["--cfg", str(tiny_run.run / "config.yaml"), "--eval", "--resume", str(tiny_run.checkpoint),
+                      "--output", str(tmp_path / "eval"), "--tag", "eval", "--opts", "DATA.IMG_SIZE", "64"]) == 0
+    summary = [line for line in capsys.readouterr().out.splitlines() if " * Acc@1 " in line][-1]
+    assert summary.split(" * ")[1].startswith(f"Acc@1 {float(table['64x64'][1]):.2f}")
+
+
+def test_resize_eval_refuses_a_bad_size_in_one_line(tiny_run: TinyRun, capsys) -> None:
+    assert resize_eval.main(["--resume", str(tiny_run.checkpoint), "--sizes", "48"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "DATA.IMG_SIZE 48 must be a positive multiple of 32" in err
+    assert err.count("\n") == 1
