@@ -480,13 +480,16 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: StripMLP
                          log: Callable[[str], None] = _logger.info) -> dict[str, torch.Tensor]:
     """Turn a release (or our own) checkpoint into a state dict for `model`.
 
-    Accepts whatever `clean_state_dict` accepts. With ``resample``, weights of another input size are carried over
-    to the model's (see `resample.py`), each resampled tensor named through ``log`` with its old and new shape.
-    Then checks names and shapes, raising one error that lists every mismatch so a checkpoint of another variant,
-    input size or class count is recognised at once.
+    Accepts whatever `clean_state_dict` accepts; a model without a classifier (``num_classes=0``, as timm builds
+    ``features_only`` backbones) leaves the checkpoint's head out. With ``resample``, weights of another input size
+    are carried over to the model's (see `resample.py`), each resampled tensor named through ``log`` with its old
+    and new shape. Then checks names and shapes, raising one error that lists every mismatch left, so a checkpoint
+    of another variant or class count is recognised at once.
     """
     cleaned = clean_state_dict(state_dict)
     expected = model.state_dict()
+    if model.num_classes == 0:  # a backbone without a classifier (features, pooled features) takes all but the head
+        cleaned = {name: tensor for name, tensor in cleaned.items() if not name.startswith("head.")}
     if resample:
         cleaned, notes = resample_to_model(cleaned, expected)
         for note in notes:

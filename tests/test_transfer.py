@@ -206,6 +206,20 @@ def test_timm_loads_a_checkpoint_file_at_another_size(tmp_path: Path) -> None:
     assert model.blocks1[0].token_mixing.smlp_block.proj_h.weight.shape[1] == 32
 
 
+def test_a_detection_backbone_from_a_classification_checkpoint_of_another_size(tmp_path: Path) -> None:
+    """The README's recipe, small: a 1000-class checkpoint file into a features_only backbone of another size."""
+    source = timm.create_model("strip_mlp_tiny", img_size=64, **SMALL)
+    torch.save({"model": source.state_dict()}, tmp_path / "weights.pth")
+    overlay = {"file": str(tmp_path / "weights.pth")}
+    backbone = timm.create_model("strip_mlp_tiny", features_only=True, img_size=(64, 96), pretrained=True,
+                                 pretrained_cfg_overlay=overlay, **SMALL)
+    assert torch.equal(backbone.model.patch_embed.weight, source.patch_embed.weight)
+    assert [tuple(f.shape[-2:]) for f in backbone(torch.randn(1, 3, 64, 96))] == [(16, 24), (8, 12), (4, 6), (2, 3)]
+    pooled = timm.create_model("strip_mlp_tiny", num_classes=0, img_size=96, pretrained=True,
+                               pretrained_cfg_overlay=overlay, **SMALL)
+    assert pooled(torch.randn(1, 3, 96, 96)).shape == (1, 128)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # A backbone for dense prediction
 
