@@ -330,3 +330,16 @@ def test_a_trained_model_resampled_tracks_its_logits_on_upsampled_images(tmp_pat
     assert agreement["resampled"] >= 0.55 and cosine["resampled"] >= 0.6
     assert agreement["resampled"] >= agreement["re-initialised"] + 0.05
     assert cosine["resampled"] >= cosine["re-initialised"] + 0.05
+
+
+def test_the_384_fine_tuning_config_takes_224_weights(tmp_path: Path) -> None:
+    from config import load_config
+
+    config = load_config(str(REPO / "configs" / "finetune" / "imagenet1k_384" / "strip_mlp_tiny_light.yaml"))
+    assert config.DATA.IMG_SIZE == 384 and config.MODEL.PRETRAINED
+    source = timm.create_model("strip_mlp_tiny_light", img_size=224)
+    notes = []
+    model = build_model(config)
+    model.load_state_dict(checkpoint_filter_fn({"model": source.state_dict()}, model, log=notes.append))
+    assert len(notes) == 6 * 12  # every block's strip projections and position tables
+    assert "resampled blocks4.1.token_mixing.smlp_block.proj_w.weight (1120, 7, 1, 3) -> (1920, 12, 1, 3)" in notes
