@@ -393,7 +393,9 @@ def restore_training(state: TrainState, checkpoint: Mapping[str, Any], source: s
     schedule is this config's, evaluated at the saved update count, so the learning rate and weight decay of
     update u equal a fresh run's with this config; the moments, step counts, weights, EMA and RNG states
     come from the checkpoint (with each rank's BatchNorm statistics when it was saved inside an epoch by as
-    many ranks). Every schedule key that changed is logged as ``old -> new``. A release
+    many ranks). Every schedule key that changed is logged as ``old -> new``. A checkpoint written inside an
+    epoch continues there with the same batch size, accumulation and process count; with others, which would
+    cut the epoch into other steps, the epoch is trained from its start. A release
     checkpoint (no update count) continues at (epoch + 1) x updates per epoch.
     """
     if not is_training_checkpoint(checkpoint):
@@ -401,7 +403,8 @@ def restore_training(state: TrainState, checkpoint: Mapping[str, Any], source: s
                               "use --pretrained FILE to start a new run from it")
     model = unwrap_model(state.model)
     model.load_state_dict(fit_state_dict(checkpoint, model, source, logger, resample=False))
-    for change in schedule_changes(saved_config(checkpoint), config):
+    saved = saved_config(checkpoint)
+    for change in schedule_changes(saved, config):
         logger.info(f"config changed since {source}: {change}")
     restore_optimizer(state.optimizer, checkpoint, model, config, source, logger)
     scaler_state = checkpoint.get("scaler") or {}
@@ -428,6 +431,15 @@ def restore_training(state: TrainState, checkpoint: Mapping[str, Any], source: s
                        "training continues but will not replay the original run exactly")
     best_acc1 = float(checkpoint.get("max_accuracy", 0.0))
     step = int(checkpoint.get("step", 0))
+    if step:  # a position inside an epoch, counted in micro-batches of this layout
+        before = (_lookup(saved, "DATA.BATCH_SIZE"), max(_lookup(saved, "TRAIN.ACCUMULATION_STEPS") or 1, 1),
+                  saved_world)
+        now = (config.DATA.BATCH_SIZE, max(config.TRAIN.ACCUMULATION_STEPS, 1), env.world_size)
+        if before != now:
+            logger.warning(f"{source} was written {step} steps into epoch {epoch + 1} with (batch size, accumulation "
+                           f"steps, processes) {before}, this run has {now}: its steps divide the epoch otherwise, "
+                           f"so it trains epoch {epoch + 1} from its start")
+            step = 0
     inside = f", {step} steps into epoch {epoch + 1}" if step else ""
     logger.info(f"resumed from {source}: epoch {epoch}{inside}, update {state.global_step}, "
                 f"best Acc@1 {best_acc1:.3f}")

@@ -112,6 +112,26 @@ def test_an_unchanged_config_logs_no_change(caplog) -> None:
     assert "config changed" not in caplog.text
 
 
+@pytest.mark.parametrize(("change", "step"), [
+    ((), 3), (("DATA.BATCH_SIZE", 32), 0), (("TRAIN.ACCUMULATION_STEPS", 2), 0), (("TRAIN.ACCUMULATION_STEPS", 1), 3),
+])
+def test_a_checkpoint_inside_an_epoch_continues_there_only_with_the_same_steps(change: tuple, step: int,
+                                                                                caplog) -> None:
+    """The position inside an epoch counts micro-batches: another batch size or accumulation cuts the epoch into other
+    steps (and a start beyond the new share used to stop the run with the sampler's ValueError)."""
+    config = config_with()
+    state = make_state(config)
+    train_steps(state, 3)
+    checkpoint = build_checkpoint(state, config, CPU, epoch=0, best_acc1=0.0, classes=["a", "b", "c"], step=3)
+    new = config_with()
+    new.merge_from_list(list(change))
+    with caplog.at_level(logging.WARNING):
+        point = restore_training(make_state(new), checkpoint, "latest.pth", new, CPU, UPDATES_PER_EPOCH,
+                                 logging.getLogger("resume"))
+    assert (point.epoch, point.step) == (1, step)
+    assert ("trains epoch 1 from its start" in caplog.text) == (step == 0)
+
+
 @pytest.mark.parametrize(("saved_fp16", "now_fp16"), [(False, True), (True, False), (True, True)])
 def test_precision_may_change_between_runs(saved_fp16: bool, now_fp16: bool, caplog) -> None:
     config = config_with()
