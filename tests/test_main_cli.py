@@ -292,6 +292,22 @@ def test_sigkill_during_training_then_auto_resume(images: Path, uninterrupted: P
 
 
 
+@pytest.mark.slow
+def test_save_steps_bounds_what_a_sigkill_loses_and_the_run_resumes_inside_the_epoch(images: Path, uninterrupted: Path,
+                                                                                    tmp_path: Path) -> None:
+    """TRAIN.SAVE_STEPS 2: killed before update 5, the run has latest.pth of update 4, 2 micro-steps into epoch 1."""
+    extra = {"TRAIN": {**RESUME_EXTRA["TRAIN"], "SAVE_STEPS": 2}}
+    config = write_config(tmp_path / "config.yaml", images, tmp_path / "out", extra)
+    out = run_dir(tmp_path / "out")
+    killed = killed_run("update", config)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    saved = load_checkpoint_file(out / "latest.pth")
+    assert (saved["epoch"], saved["step"], saved["global_step"]) == (0, 2, 4)
+    result = launch(["--cfg", str(config)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 steps into epoch 1, update 4" in result.stdout
+    same_final_state(out / "ckpt_epoch_2.pth", uninterrupted)
+
 
 @pytest.mark.slow
 def test_sigkill_during_a_checkpoint_write_then_auto_resume(images: Path, uninterrupted: Path, tmp_path: Path) -> None:
