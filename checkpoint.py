@@ -26,7 +26,7 @@ from torch import nn
 from yacs.config import CfgNode
 
 from config import config_from_text, load_config
-from distributed import DistEnv, on_rank0
+from distributed import DistEnv, gather_to_rank0, on_rank0
 from engine import TrainState
 from models import build_model, checkpoint_filter_fn, clean_state_dict
 from optimizer import is_decayed
@@ -255,14 +255,34 @@ def save_epoch(state: TrainState, config: CfgNode, env: DistEnv, epoch: int, bes
         logger.info(f"removed {path.name} (TRAIN.KEEP_CHECKPOINTS {config.TRAIN.KEEP_CHECKPOINTS})")
 
 
+def _persistent_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers a state dict holds (BatchNorm running statistics), on the CPU."""
+    saved = module.state_dict()
+    return {name: buffer.detach().cpu() for name, buffer in module.named_buffers() if name in saved}
+
+
+def _load_buffers(module: nn.Module, buffers: Mapping[str, torch.Tensor]) -> None:
+    for name, value in buffers.items():
+        module.get_buffer(name).copy_(value)
+
+
 def save_position(state: TrainState, config: CfgNode, env: DistEnv, epoch: int, step: int, best_acc1: float,
                   classes: list[str], logger: logging.Logger) -> None:
     """Rank 0 writes ``latest.pth`` inside epoch ``epoch``, after its first ``step`` micro-steps (at an update's
-    end), so that a resumed run continues with the next sample."""
+    end), so that a resumed run continues with the next sample. Every rank calls it.
+
+    Inside an epoch each rank's BatchNorm statistics (of the model and of its EMA) are its own until the
+    epoch's end averages them, so with several ranks the checkpoint also holds each rank's (``rank_buffers``).
+    """
+    own = {"model": _persistent_buffers(unwrap_model(state.model)),
+           "model_ema": _persistent_buffers(state.ema.module) if state.ema is not None else {}}
+    every_rank = gather_to_rank0(own, env) if env.distributed else None
     if not env.is_main:
         return
-    save_checkpoint(build_checkpoint(state, config, env, epoch - 1, best_acc1, classes, step),
-                    Path(config.OUTPUT) / LATEST_NAME)
+    checkpoint = build_checkpoint(state, config, env, epoch - 1, best_acc1, classes, step)
+    if every_rank is not None:
+        checkpoint["rank_buffers"] = every_rank
+    save_checkpoint(checkpoint, Path(config.OUTPUT) / LATEST_NAME)
     logger.info(f"saved {LATEST_NAME} at epoch {epoch} step {step} (update {state.global_step})")
 
 
@@ -372,7 +392,10 @@ def restore_training(state: TrainState, checkpoint: Mapping[str, Any], source: s
     The config is the truth for the schedule: the optimiser keeps this run's hyperparameters and the
     schedule is this config's, evaluated at the saved update count, so the learning rate and weight decay of
     update u equal a fresh run's with this config; the moments, step counts, weights, EMA and RNG states
-    come from the checkpoint. Every schedule key that changed is logged as ``old -> new``. A release
+    come from the checkpoint (with each rank's BatchNorm statistics when it was saved inside an epoch by as
+    many ranks). Every schedule key that changed is logged as ``old -> new``. A checkpoint written inside an
+    epoch continues there with the same batch size, accumulation and process count; with others, which would
+    cut the epoch into other steps, the epoch is trained from its start. A release
     checkpoint (no update count) continues at (epoch + 1) x updates per epoch.
     """
     if not is_training_checkpoint(checkpoint):
@@ -380,7 +403,8 @@ def restore_training(state: TrainState, checkpoint: Mapping[str, Any], source: s
                               "use --pretrained FILE to start a new run from it")
     model = unwrap_model(state.model)
     model.load_state_dict(fit_state_dict(checkpoint, model, source, logger, resample=False))
-    for change in schedule_changes(saved_config(checkpoint), config):
+    saved = saved_config(checkpoint)
+    for change in schedule_changes(saved, config):
         logger.info(f"config changed since {source}: {change}")
     restore_optimizer(state.optimizer, checkpoint, model, config, source, logger)
     scaler_state = checkpoint.get("scaler") or {}
@@ -392,6 +416,11 @@ def restore_training(state: TrainState, checkpoint: Mapping[str, Any], source: s
         ema_weights = checkpoint.get("model_ema") or checkpoint["model"]
         state.ema.module.load_state_dict(fit_state_dict(ema_weights, state.ema.module, f"{source} (EMA)", logger,
                                                               resample=False))
+    rank_buffers = checkpoint.get("rank_buffers")
+    if rank_buffers is not None and len(rank_buffers) == env.world_size:  # saved inside an epoch: this rank's own
+        _load_buffers(model, rank_buffers[env.rank]["model"])
+        if state.ema is not None:
+            _load_buffers(state.ema.module, rank_buffers[env.rank]["model_ema"])
     epoch = int(checkpoint["epoch"])
     state.global_step = int(checkpoint.get("global_step", (epoch + 1) * updates_per_epoch))
     if env.is_main and "rng" in checkpoint:  # every rank re-seeds from (SEED, rank, epoch) at each epoch anyway
@@ -402,6 +431,15 @@ def restore_training(state: TrainState, checkpoint: Mapping[str, Any], source: s
                        "training continues but will not replay the original run exactly")
     best_acc1 = float(checkpoint.get("max_accuracy", 0.0))
     step = int(checkpoint.get("step", 0))
+    if step:  # a position inside an epoch, counted in micro-batches of this layout
+        before = (_lookup(saved, "DATA.BATCH_SIZE"), max(_lookup(saved, "TRAIN.ACCUMULATION_STEPS") or 1, 1),
+                  saved_world)
+        now = (config.DATA.BATCH_SIZE, max(config.TRAIN.ACCUMULATION_STEPS, 1), env.world_size)
+        if before != now:
+            logger.warning(f"{source} was written {step} steps into epoch {epoch + 1} with (batch size, accumulation "
+                           f"steps, processes) {before}, this run has {now}: its steps divide the epoch otherwise, "
+                           f"so it trains epoch {epoch + 1} from its start")
+            step = 0
     inside = f", {step} steps into epoch {epoch + 1}" if step else ""
     logger.info(f"resumed from {source}: epoch {epoch}{inside}, update {state.global_step}, "
                 f"best Acc@1 {best_acc1:.3f}")

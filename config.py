@@ -319,6 +319,8 @@ def _check_consistency(config: CN) -> None:
     positive = {
         "DATA.BATCH_SIZE": config.DATA.BATCH_SIZE,
         "MODEL.NUM_CLASSES": config.MODEL.NUM_CLASSES,
+        "MODEL.STRIP_MLP.IN_CHANS": strip.IN_CHANS,
+        "MODEL.STRIP_MLP.ALPHA": strip.ALPHA,
         "TRAIN.EPOCHS": config.TRAIN.EPOCHS,
         "TRAIN.LR_REFERENCE_BATCH": config.TRAIN.LR_REFERENCE_BATCH,
         "SAVE_FREQ": config.SAVE_FREQ,
@@ -346,8 +348,10 @@ def _check_consistency(config: CN) -> None:
     if config.DATA.CACHE_MODE != "no" and not config.DATA.ZIP_MODE:
         raise ConfigError(f"DATA.CACHE_MODE {config.DATA.CACHE_MODE} caches members of packed archives; it needs "
                           "DATA.ZIP_MODE True (--zip)")
-    if not 0.0 <= config.MODEL.DROP_PATH_RATE < 1.0:
-        raise ConfigError(f"MODEL.DROP_PATH_RATE must be in [0, 1), got {config.MODEL.DROP_PATH_RATE}")
+    rates = {"MODEL.DROP_RATE": config.MODEL.DROP_RATE, "MODEL.DROP_PATH_RATE": config.MODEL.DROP_PATH_RATE}
+    for key, rate in rates.items():
+        if not 0.0 <= rate < 1.0:
+            raise ConfigError(f"{key} must be in [0, 1), got {rate}")
     if not 0.0 < config.TRAIN.LAYER_DECAY <= 1.0:
         raise ConfigError(f"TRAIN.LAYER_DECAY must be in (0, 1], got {config.TRAIN.LAYER_DECAY}; 1.0 turns layer-wise "
                           "decay off, 0.8 is a usual fine-tuning value")

@@ -214,6 +214,17 @@ class PreemptionSignal:
             signal.signal(s, handler)
 
 
+def ignore_preemption_signals(worker_id: int) -> None:
+    """A DataLoader ``worker_init_fn``: loader workers ignore SIGTERM and SIGUSR1, which the main process handles.
+
+    A cluster signals every process of a job, loader workers included, and torch's workers die on a SIGTERM
+    that their parent did not send: the main process would then fail at its next batch instead of finishing
+    its update and saving. The main process ends its workers itself when it stops.
+    """
+    for s in PREEMPTION_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
 def requeue_slurm_job(logger: logging.Logger) -> None:
     """Under SLURM, put the job back in the queue when it was submitted with requeueing allowed."""
     job = os.environ.get("SLURM_JOB_ID")

@@ -7,6 +7,8 @@ from timm.data import Mixup
 from torch.utils.data import DataLoader
 from yacs.config import CfgNode
 
+from distributed import ignore_preemption_signals
+
 from .datasets import CIFAR_KINDS, FOLDER_LAYOUTS, DataError, cifar_split, image_folder_split
 from .demo import make_demo_digits
 from .device import DeviceLoader, build_erasing
@@ -122,6 +124,7 @@ def build_loader(config: CfgNode, rank: int = 0, world_size: int = 1, train: boo
         # Pinning only helps copies to a GPU (and warns without one).
         "pin_memory": config.DATA.PIN_MEMORY and torch.device(device).type == "cuda",
         "persistent_workers": config.DATA.PERSISTENT_WORKERS and workers > 0,
+        "worker_init_fn": ignore_preemption_signals,  # a preemption signal is the main process's to handle
     }
     memory_format = torch.channels_last if config.CHANNELS_LAST else torch.contiguous_format
     sampler_val = ShardSampler(len(dataset_val), rank, world_size, contiguous=config.TEST.SEQUENTIAL)

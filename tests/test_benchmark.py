@@ -88,6 +88,8 @@ def test_peak_memory_is_measured_alone_in_a_fresh_process_on_every_device(monkey
             return 123.0
 
     class FakeProcess:
+        exitcode = 0
+
         def __init__(self, target, args) -> None:
             started.append((target, args))
 
@@ -105,3 +107,33 @@ def test_peak_memory_is_measured_alone_in_a_fresh_process_on_every_device(monkey
     setting = benchmark.Setting("strip_mlp_tiny", 224, 8, "bf16", False, False, "cuda:0")
     assert benchmark.measure_peak_memory("HEAD", setting, train=True) == 123.0
     assert started[0][0] is benchmark._peak_memory_child and started[0][1][:3] == ("HEAD", setting, True)
+
+
+
+def test_a_failed_memory_measurement_is_an_error_not_a_wait_for_ever(monkeypatch) -> None:
+    """The child may fail (on CUDA: out of memory beside the timed models); then nothing comes on its queue."""
+
+    class EmptyQueue:
+        def get(self) -> float:
+            raise AssertionError("waited for the result of a child that failed")
+
+    class FailedProcess:
+        exitcode = 1
+
+        def __init__(self, target, args) -> None:
+            pass
+
+        def start(self) -> None:
+            pass
+
+        def join(self) -> None:
+            pass
+
+    class Context:
+        Queue = EmptyQueue
+        Process = FailedProcess
+
+    monkeypatch.setattr(benchmark.multiprocessing, "get_context", lambda method: Context)
+    setting = benchmark.Setting("strip_mlp_tiny", 224, 8, "bf16", False, False, "cuda:0")
+    with pytest.raises(SystemExit, match=r"^error: measuring the peak memory of HEAD failed .*exit status 1"):
+        benchmark.measure_peak_memory("HEAD", setting, train=True)

@@ -2,10 +2,13 @@
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
+import time
 from pathlib import Path
 from typing import IO
 
@@ -140,7 +143,8 @@ FAKE_COMMANDS = {
 @pytest.mark.parametrize(("style", "expected"), [
     ("srun", "main.py|--cfg|configs/x.yaml|--data-path|/data/a b|"),
     ("torchrun", "-m|torch.distributed.run|--nnodes=2|--nproc_per_node=4|--rdzv-backend=c10d|"
-                 "--rdzv-endpoint=gpu07:29500|--rdzv-id=99|main.py|--cfg|configs/x.yaml|--data-path|/data/a b|"),
+                 "--rdzv-endpoint=gpu07:29500|--rdzv-id=99|--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1|"
+                 "--shutdown-timeout=170|main.py|--cfg|configs/x.yaml|--data-path|/data/a b|"),
 ])
 def test_slurm_template_starts_main_py_in_both_styles(style: str, expected: str, tmp_path: Path) -> None:
     for name, text in FAKE_COMMANDS.items():
@@ -149,7 +153,61 @@ def test_slurm_template_starts_main_py_in_both_styles(style: str, expected: str,
     env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "LAUNCH": style, "SLURM_JOB_ID": "99",
            "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "4", "SLURM_JOB_NODELIST": "gpu[07-08]",
            "SLURM_SUBMIT_DIR": str(REPO)}
+    env.pop("MASTER_PORT", None)
     result = subprocess.run(["bash", str(REPO / "tools" / "slurm_train.sh"), "configs/x.yaml", "--data-path",
                              "/data/a b"], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == expected
+
+
+# Stands in for main.py under the template: waits for a preemption signal as main.py does, then says which came.
+WAITING_MAIN = textwrap.dedent("""
+    import os, pathlib, sys, time
+    from distributed import EXIT_PREEMPTED, PreemptionSignal
+
+    with PreemptionSignal() as preemption:
+        pathlib.Path("ready").write_text(str(os.getpid()))
+        deadline = time.time() + 60
+        while preemption.received is None and time.time() < deadline:
+            time.sleep(0.05)
+    pathlib.Path("stopped").write_text(str(preemption.received))
+    sys.exit(EXIT_PREEMPTED)
+""")
+
+
+def test_the_torchrun_style_passes_slurms_sigusr1_on_to_its_processes(tmp_path: Path) -> None:
+    """SLURM sends --signal=USR1 to the task srun started, torchrun, which by default dies of it and leaves its
+    processes running, never told of the time limit."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fakes = {"srun": '#!/bin/bash\necho $$ > "$(dirname "$0")/task.pid"\nwhile [[ "$1" == --* ]]; do shift; done\n'
+                     'exec "$@"\n',
+             "scontrol": "#!/bin/sh\necho 127.0.0.1\n"}
+    for name, text in fakes.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    (tmp_path / "main.py").write_text(WAITING_MAIN)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(REPO), "LAUNCH": "torchrun",
+           "SLURM_JOB_ID": "7", "SLURM_NNODES": "1", "SLURM_GPUS_ON_NODE": "1", "SLURM_JOB_NODELIST": "localhost",
+           "SLURM_SUBMIT_DIR": str(tmp_path), "MASTER_PORT": str(free_port())}
+    log = tempfile.TemporaryFile("w+")
+    job = subprocess.Popen(["bash", str(REPO / "tools" / "slurm_train.sh"), "configs/x.yaml"], env=env, stdout=log,
+                           stderr=log, text=True)
+    ready, stopped = tmp_path / "ready", tmp_path / "stopped"
+    try:
+        deadline = time.time() + 120
+        while not ready.exists() and job.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert ready.exists(), "the process torchrun started never came up"
+        os.kill(int((bin_dir / "task.pid").read_text()), signal.SIGUSR1)  # srun's task: torchrun, exec'd
+        job.wait(timeout=60)
+        deadline = time.time() + 10
+        while not stopped.exists() and time.time() < deadline:
+            time.sleep(0.1)
+        log.seek(0)
+        assert stopped.exists() and stopped.read_text() == str(int(signal.SIGUSR1)), log.read()
+    finally:
+        if job.poll() is None:
+            job.kill()
+        if ready.exists() and not stopped.exists():  # an orphan still waiting
+            os.kill(int(ready.read_text()), signal.SIGKILL)

@@ -182,6 +182,10 @@ def test_bad_img_size_is_one_line_naming_the_key(tmp_path: Path, value: str, mes
         ("", ("TRAIN.EPOCHS", "0"), "TRAIN.EPOCHS must be positive"),
         ("", ("AUG.CUTMIX_MINMAX", "0.5"), "AUG.CUTMIX_MINMAX must be None or [min, max]"),
         ("", ("DATA.BATCH_SIZE", "7"), "DATA.BATCH_SIZE 7 must be even while AUG.MIXUP or AUG.CUTMIX is on"),
+        ("", ("MODEL.DROP_RATE", "1.5"), "MODEL.DROP_RATE must be in [0, 1), got 1.5"),
+        ("", ("MODEL.DROP_PATH_RATE", "-0.1"), "MODEL.DROP_PATH_RATE must be in [0, 1), got -0.1"),
+        ("", ("MODEL.STRIP_MLP.ALPHA", "0"), "MODEL.STRIP_MLP.ALPHA must be positive, got 0"),
+        ("", ("MODEL.STRIP_MLP.IN_CHANS", "0"), "MODEL.STRIP_MLP.IN_CHANS must be positive, got 0"),
     ],
 )
 def test_bad_config_raises_one_line_naming_file_and_key(tmp_path: Path, text: str, opts: tuple, message: str) -> None:

@@ -14,6 +14,7 @@ from torch import nn
 from data import DataError, Sample
 from distributed import DistEnv
 from engine import (
+    Interruptions,
     NonFiniteLossError,
     StepSettings,
     TrainState,
@@ -106,6 +107,20 @@ class NaNOnMarker(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.body(x)
         return out * torch.nan if torch.isinf(x.flatten()[0]) else out
+
+
+@pytest.mark.parametrize(("accumulation", "global_step", "saved"), [(1, 0, [2, 4, 6]), (3, 0, [6]), (1, 3, [1, 3, 5])])
+def test_a_checkpoint_every_save_every_updates_counts_updates_of_the_run(accumulation: int, global_step: int,
+                                                                         saved: list[int]) -> None:
+    """TRAIN.SAVE_STEPS: after every N-th update of the run (not of the epoch), with the micro-steps done so far; none
+    after the epoch's last step, which the epoch's own checkpoint covers."""
+    state = make_state(linear_model())
+    state.global_step = global_step
+    calls: list[int] = []
+    interruptions = Interruptions(stop_requested=lambda: False, save=calls.append, save_every=2)
+    train_one_epoch(state, batches(7, size=2), 0, settings(accumulation=accumulation), LOGGER,
+                    interruptions=interruptions)
+    assert calls == saved
 
 
 def test_nan_loss_stops_naming_the_step_before_touching_the_weights() -> None:

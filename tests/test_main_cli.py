@@ -292,6 +292,22 @@ def test_sigkill_during_training_then_auto_resume(images: Path, uninterrupted: P
 
 
 
+@pytest.mark.slow
+def test_save_steps_bounds_what_a_sigkill_loses_and_the_run_resumes_inside_the_epoch(images: Path, uninterrupted: Path,
+                                                                                    tmp_path: Path) -> None:
+    """TRAIN.SAVE_STEPS 2: killed before update 5, the run has latest.pth of update 4, 2 micro-steps into epoch 1."""
+    extra = {"TRAIN": {**RESUME_EXTRA["TRAIN"], "SAVE_STEPS": 2}}
+    config = write_config(tmp_path / "config.yaml", images, tmp_path / "out", extra)
+    out = run_dir(tmp_path / "out")
+    killed = killed_run("update", config)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    saved = load_checkpoint_file(out / "latest.pth")
+    assert (saved["epoch"], saved["step"], saved["global_step"]) == (0, 2, 4)
+    result = launch(["--cfg", str(config)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 steps into epoch 1, update 4" in result.stdout
+    same_final_state(out / "ckpt_epoch_2.pth", uninterrupted)
+
 
 @pytest.mark.slow
 def test_sigkill_during_a_checkpoint_write_then_auto_resume(images: Path, uninterrupted: Path, tmp_path: Path) -> None:
@@ -587,3 +603,34 @@ def test_a_preemption_signal_saves_inside_the_epoch_requeues_and_resumes(images:
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resumed from" in resumed.stdout and "4 steps into epoch 1, update 5" in resumed.stdout
     same_final_state(out / "ckpt_epoch_2.pth", uninterrupted)  # no sample repeated or skipped
+
+
+# Runs main.py and, during the second optimiser update, has another process send SIGTERM to every process of its
+# process group, loader workers included, as SLURM signals every process of a job before preempting it.
+TERMINATED_GROUP_RUN = textwrap.dedent("""
+    import os, runpy, subprocess, sys
+    sys.path.insert(0, os.getcwd())
+    import engine
+
+    real_update = engine._optimizer_update
+    def signalled_update(state, settings, where):
+        if state.global_step == 1:
+            subprocess.run([sys.executable, "-c", f"import os, signal; os.killpg({os.getpgrp()}, signal.SIGTERM)"])
+        return real_update(state, settings, where)
+    engine._optimizer_update = signalled_update
+    sys.argv = ["main.py", *sys.argv[1:]]
+    runpy.run_path("main.py", run_name="__main__")
+""")
+
+
+def test_a_sigterm_to_every_process_with_loader_workers_still_saves_and_exits_75(images: Path, tmp_path: Path) -> None:
+    """torch's loader workers die on a SIGTERM from anyone but their parent; the run must not die with them."""
+    config = write_config(tmp_path / "config.yaml", images, tmp_path / "out",
+                          {"TRAIN": {"EPOCHS": 1}, "DATA": {"NUM_WORKERS": 2}})
+    script = tmp_path / "terminated.py"
+    script.write_text(TERMINATED_GROUP_RUN)
+    stopped = launch(["--cfg", str(config)], script=script, start_new_session=True)  # its own process group
+    assert stopped.returncode == 75, stopped.stdout + stopped.stderr
+    assert "stopping on request after epoch 0 step 2/6" in stopped.stdout
+    saved = load_checkpoint_file(run_dir(tmp_path / "out") / "latest.pth")
+    assert (saved["epoch"], saved["step"], saved["global_step"]) == (-1, 3, 3)

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from run_helpers import release_config
+from timm.utils import ModelEmaV3
 from yacs.config import CfgNode
 
 from checkpoint import (
@@ -19,8 +20,10 @@ from checkpoint import (
     build_checkpoint,
     choose_resume,
     load_checkpoint_file,
+    read_checkpoint,
     restore_training,
     save_checkpoint,
+    save_position,
 )
 from config import default_config
 from distributed import DistEnv
@@ -107,6 +110,26 @@ def test_an_unchanged_config_logs_no_change(caplog) -> None:
         restore_training(make_state(config), saved_run(config), "ckpt.pth", config, CPU, UPDATES_PER_EPOCH,
                          logging.getLogger("resume"))
     assert "config changed" not in caplog.text
+
+
+@pytest.mark.parametrize(("change", "step"), [
+    ((), 3), (("DATA.BATCH_SIZE", 32), 0), (("TRAIN.ACCUMULATION_STEPS", 2), 0), (("TRAIN.ACCUMULATION_STEPS", 1), 3),
+])
+def test_a_checkpoint_inside_an_epoch_continues_there_only_with_the_same_steps(change: tuple, step: int,
+                                                                                caplog) -> None:
+    """The position inside an epoch counts micro-batches: another batch size or accumulation cuts the epoch into other
+    steps (and a start beyond the new share used to stop the run with the sampler's ValueError)."""
+    config = config_with()
+    state = make_state(config)
+    train_steps(state, 3)
+    checkpoint = build_checkpoint(state, config, CPU, epoch=0, best_acc1=0.0, classes=["a", "b", "c"], step=3)
+    new = config_with()
+    new.merge_from_list(list(change))
+    with caplog.at_level(logging.WARNING):
+        point = restore_training(make_state(new), checkpoint, "latest.pth", new, CPU, UPDATES_PER_EPOCH,
+                                 logging.getLogger("resume"))
+    assert (point.epoch, point.step) == (1, step)
+    assert ("trains epoch 1 from its start" in caplog.text) == (step == 0)
 
 
 @pytest.mark.parametrize(("saved_fp16", "now_fp16"), [(False, True), (True, False), (True, True)])
@@ -239,3 +262,35 @@ def test_rank0_chooses_and_reads_the_resume_checkpoint_for_every_rank(tmp_path: 
     assert torch.equal(results[1]["weights"]["w"], torch.full((2,), 3.0))
     assert results[0]["error"] == results[1]["error"] and "broken.pth" in results[0]["error"]
     assert "truncated or corrupt" in results[1]["error"]  # rank 0's reason, not rank 1's "does not exist"
+
+
+def buffers_worker(rank: int, world_size: int, init_file: str, root: str) -> None:
+    """Each rank's BatchNorm statistics (model and EMA) are its own inside an epoch: saved there, each rank must get
+    its own back, or a resumed run averages other statistics at the epoch's end than the uninterrupted one."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    env = DistEnv(rank=rank, world_size=world_size, local_rank=rank, device=torch.device("cpu"))
+    config = config_with(OUTPUT=root)
+    state = make_state(config)
+    state.ema = ModelEmaV3(state.model)
+    for module, value in ((state.model, rank + 1.0), (state.ema.module, rank + 10.0)):
+        for norm in (m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            norm.running_mean.fill_(value)
+            norm.running_var.fill_(value)
+    save_position(state, config, env, epoch=1, step=2, best_acc1=0.0, classes=["a", "b", "c"],
+                  logger=logging.Logger(f"rank{rank}"))
+    resumed = make_state(config)
+    resumed.ema = ModelEmaV3(resumed.model)
+    restore_training(resumed, read_checkpoint(os.path.join(root, "latest.pth"), env), "latest.pth", config, env,
+                     UPDATES_PER_EPOCH, logging.Logger(f"rank{rank}"))
+    torch.save({"model": resumed.model.state_dict(), "ema": resumed.ema.module.state_dict()},
+               os.path.join(root, f"result{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_each_rank_resumes_its_own_batchnorm_statistics_inside_an_epoch(tmp_path: Path) -> None:
+    mp.spawn(buffers_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        result = torch.load(tmp_path / f"result{rank}.pt", weights_only=True)
+        for key, value in (("model", rank + 1.0), ("ema", rank + 10.0)):
+            statistics = {name: t for name, t in result[key].items() if name.endswith(("running_mean", "running_var"))}
+            assert statistics and all(torch.all(t == value) for t in statistics.values()), (rank, key)

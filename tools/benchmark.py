@@ -150,9 +150,11 @@ def measure_peak_memory(revision: str | None, setting: Setting, train: bool) -> 
     queue = context.Queue()
     child = context.Process(target=_peak_memory_child, args=(revision, setting, train, queue))
     child.start()
-    peak = queue.get()
-    child.join()
-    return peak
+    child.join()  # the child's one number fits the queue's pipe, so it has left the child when the child ends
+    if child.exitcode != 0:  # waiting on the queue would wait for ever
+        raise SystemExit(f"error: measuring the peak memory of {revision or 'the current model'} failed in its child "
+                         f"process (exit status {child.exitcode}; its error is above); --no-memory skips it")
+    return queue.get()
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 #!/bin/bash
 # Train Strip-MLP on a SLURM cluster, in either of two styles (pick one with LAUNCH below):
 #
-#   LAUNCH=torchrun  srun starts one torchrun per node, torchrun starts one process per GPU (c10d rendezvous)
+#   LAUNCH=torchrun  srun starts one torchrun per node, torchrun starts one process per GPU (c10d rendezvous on
+#                    the first node, port MASTER_PORT or 29500)
 #   LAUNCH=srun      srun starts one task per GPU itself; main.py reads SLURM_PROCID, SLURM_NTASKS and
 #                    SLURM_LOCALID and meets the others on the job's first node
 #
@@ -38,10 +39,14 @@ if [ "$LAUNCH" = torchrun ]; then
     # sed reads the whole list: "head" would end the pipe early, and pipefail would stop the script.
     HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
     GPUS=${SLURM_GPUS_ON_NODE:-8}
-    # One torchrun per node; "exec" lets torchrun receive SLURM's signals and pass them to its processes.
+    PORT=${MASTER_PORT:-29500}
+    # One torchrun per node; "exec" lets torchrun receive SLURM's signals and pass them to its processes. It passes
+    # on SIGUSR1 only when listed (unlisted, it dies of it and its processes never hear of the time limit), and
+    # gives its processes --shutdown-timeout seconds to save before it kills them (its default: 30).
     srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c 'exec python -m torch.distributed.run \
-        --nnodes="$SLURM_NNODES" --nproc_per_node="$1" --rdzv-backend=c10d --rdzv-endpoint="$2:29500" \
-        --rdzv-id="$SLURM_JOB_ID" main.py --cfg "${@:3}"' bash "$GPUS" "$HEAD" "$CFG" "$@"
+        --nnodes="$SLURM_NNODES" --nproc_per_node="$1" --rdzv-backend=c10d --rdzv-endpoint="$2:$3" \
+        --rdzv-id="$SLURM_JOB_ID" --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout=170 \
+        main.py --cfg "${@:4}"' bash "$GPUS" "$HEAD" "$PORT" "$CFG" "$@"
 else
     # One task per GPU; --kill-on-bad-exit stops the others when one task fails.
     srun --kill-on-bad-exit=1 python main.py --cfg "$CFG" "$@"
