@@ -197,3 +197,12 @@ def test_a_trained_model_is_rebuilt_from_its_checkpoint_alone(tmp_path: Path) ->
 def test_release_imagenet_checkpoints_get_imagenet_class_names() -> None:
     names = class_names({}, 1000)
     assert len(names) == 1000 and names[:2] == ["tench", "goldfish"]
+
+
+def test_weights_of_another_size_are_resampled_except_for_a_resumed_run() -> None:
+    weights = {"model": tiny().state_dict()}
+    larger = StripMLPNet(img_size=64, num_classes=3, embed_dim=8, layers=(1, 1, 1, 1))
+    larger.load_state_dict(fit_state_dict(weights, larger, "weights.pth"))
+    with pytest.raises(CheckpointError, match=r"weights.pth: .*proj_h.weight: checkpoint \(8, 8, 1, 3\) vs model "
+                                              r"\(16, 16, 1, 3\)"):
+        fit_state_dict(weights, larger, "weights.pth", resample=False)
