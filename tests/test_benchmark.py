@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import timm
@@ -79,18 +80,20 @@ def test_bad_options_fail_with_one_line(options: list[str], message: str) -> Non
     assert "Traceback" not in result.stderr
 
 
-def test_peak_memory_is_measured_alone_in_a_fresh_process_on_every_device(monkeypatch) -> None:
-    """On CUDA too: the timed models, optimiser states and batches of this process must not count."""
+def fake_memory_child(monkeypatch, exitcode: int, result: float | None) -> list[tuple]:
+    """Stand in for multiprocessing's spawn context: a child that exits with ``exitcode`` having queued ``result``
+    (None: nothing, as a child that failed). Returns the (target, args) of each child started."""
     started = []
 
-    class FakeQueue:
+    class Queue:
         def get(self) -> float:
-            return 123.0
+            if result is None:
+                raise AssertionError("waited for the result of a child that failed")
+            return result
 
-    class FakeProcess:
-        exitcode = 0
-
+    class Process:
         def __init__(self, target, args) -> None:
+            self.exitcode = exitcode
             started.append((target, args))
 
         def start(self) -> None:
@@ -99,41 +102,22 @@ def test_peak_memory_is_measured_alone_in_a_fresh_process_on_every_device(monkey
         def join(self) -> None:
             pass
 
-    class Context:
-        Queue = FakeQueue
-        Process = FakeProcess
+    context = SimpleNamespace(Queue=Queue, Process=Process)
+    monkeypatch.setattr(benchmark.multiprocessing, "get_context", lambda method: context)
+    return started
 
-    monkeypatch.setattr(benchmark.multiprocessing, "get_context", lambda method: Context)
+
+def test_peak_memory_is_measured_alone_in_a_fresh_process_on_every_device(monkeypatch) -> None:
+    """On CUDA too: the timed models, optimiser states and batches of this process must not count."""
+    started = fake_memory_child(monkeypatch, exitcode=0, result=123.0)
     setting = benchmark.Setting("strip_mlp_tiny", 224, 8, "bf16", False, False, "cuda:0")
     assert benchmark.measure_peak_memory("HEAD", setting, train=True) == 123.0
     assert started[0][0] is benchmark._peak_memory_child and started[0][1][:3] == ("HEAD", setting, True)
 
 
-
 def test_a_failed_memory_measurement_is_an_error_not_a_wait_for_ever(monkeypatch) -> None:
     """The child may fail (on CUDA: out of memory beside the timed models); then nothing comes on its queue."""
-
-    class EmptyQueue:
-        def get(self) -> float:
-            raise AssertionError("waited for the result of a child that failed")
-
-    class FailedProcess:
-        exitcode = 1
-
-        def __init__(self, target, args) -> None:
-            pass
-
-        def start(self) -> None:
-            pass
-
-        def join(self) -> None:
-            pass
-
-    class Context:
-        Queue = EmptyQueue
-        Process = FailedProcess
-
-    monkeypatch.setattr(benchmark.multiprocessing, "get_context", lambda method: Context)
+    fake_memory_child(monkeypatch, exitcode=1, result=None)
     setting = benchmark.Setting("strip_mlp_tiny", 224, 8, "bf16", False, False, "cuda:0")
     with pytest.raises(SystemExit, match=r"^error: measuring the peak memory of HEAD failed .*exit status 1"):
         benchmark.measure_peak_memory("HEAD", setting, train=True)
