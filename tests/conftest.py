@@ -32,6 +32,11 @@ def golden_architecture(golden: dict) -> dict:
             for key in ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "layers", "alpha")}
 
 
+def tiny_model(**kwargs) -> StripMLPNet:
+    """A small model built like the golden one: 4 chunks at 40 channels, 2 chunks at 80 and above."""
+    return StripMLPNet(**{"img_size": 64, "num_classes": 10, "embed_dim": 40, "layers": (1, 1, 2, 1), **kwargs})
+
+
 @pytest.fixture(scope="session")
 def golden_model(golden: dict) -> StripMLPNet:
     """The golden model with the release's weights, in eval mode (deep-copy it before changing it)."""

@@ -6,6 +6,7 @@ import logging
 import re
 from pathlib import Path
 
+import conftest
 import pytest
 import torch
 import torch.distributed as dist
@@ -31,7 +32,7 @@ FINE_LABELS = ["stem", "blocks1.0", "blocks2.0", "blocks3.0", "blocks3.1", "bloc
 
 def tiny_model(**kwargs) -> StripMLPNet:
     torch.manual_seed(0)
-    return StripMLPNet(**{"img_size": 64, "num_classes": 10, "embed_dim": 40, "layers": (1, 1, 2, 1), **kwargs})
+    return conftest.tiny_model(**kwargs)
 
 
 def config_with(*opts) -> CfgNode:

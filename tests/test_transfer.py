@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import TinyRun
+from conftest import TinyRun, tiny_model
 from timm.models import group_parameters
 
 import main
@@ -21,10 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import resize_eval  # noqa: E402  (tools/ is a folder of scripts, not a package)
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_model(**kwargs) -> StripMLPNet:
-    return StripMLPNet(**{"img_size": 64, "num_classes": 10, "embed_dim": 40, "layers": (1, 1, 2, 1), **kwargs})
 
 
 def modules_of(names: list[str]) -> set[str]:
