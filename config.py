@@ -8,12 +8,14 @@ parsed. Every bad input raises :class:`ConfigError` with one line naming the fil
 import argparse
 import ast
 import difflib
+import math
 import os
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import yaml
+from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
 from yacs.config import CfgNode as CN
 
 from data import BAD_IMAGE_POLICIES, CACHE_MODES, DATASETS, INTERPOLATIONS, MIXUP_MODES, RANDOM_ERASING_MODES
@@ -83,6 +85,9 @@ def default_config() -> CN:
     # the members this process reads (each process then trains on its own fixed 1/N of the set, reshuffled each
     # epoch, as Swin), "full" holds every member in every process.
     c.DATA.CACHE_MODE = "no"  # one of CHOICES["DATA.CACHE_MODE"]
+    # With ZIP_MODE: the most a member may inflate to, in MiB. A member that declares more, or inflates past its
+    # declared size (a zip bomb, a damaged directory), is an unreadable image; no real image comes near it.
+    c.DATA.ZIP_MAX_MEMBER_MB = 256
 
     # ---------------------------------------------------------------- model
     c.MODEL = CN()
@@ -186,6 +191,97 @@ def default_config() -> CN:
     return c
 
 
+class Allowed(NamedTuple):
+    """What a key accepts beyond its type: a test of the value, and the words an error quotes for it."""
+
+    test: Callable[[Any], bool]
+    words: str
+
+
+def _number(value: float) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _interval(low: float, high: float, low_open: bool = False, high_open: bool = False) -> Allowed:
+    """Finite values from ``low`` to ``high``, each end included unless it is open."""
+    def test(value: float) -> bool:
+        above = low < value if low_open else low <= value
+        below = value < high if high_open else value <= high
+        return math.isfinite(value) and above and below
+    return Allowed(test, f"in {'(' if low_open else '['}{_number(low)}, {_number(high)}{')' if high_open else ']'}")
+
+
+def _at_least(low: float) -> Allowed:
+    return Allowed(lambda value: math.isfinite(value) and value >= low, f"{_number(low)} or more")
+
+
+POSITIVE = Allowed(lambda value: math.isfinite(value) and value > 0, "positive")
+PROBABILITY = _interval(0.0, 1.0)
+FRACTION = _interval(0.0, 1.0, high_open=True)  # a rate that must leave something: dropout, smoothing, betas
+
+
+def _augment_policy(policy: str) -> bool:
+    """Whether timm's create_transform accepts the policy string (its parser picks the family by the prefix)."""
+    if policy in ("", "none"):
+        return True
+    build = (rand_augment_transform if policy.startswith("rand") else
+             augment_and_mix_transform if policy.startswith("augmix") else auto_augment_transform)
+    try:
+        build(policy, {})
+    except Exception:  # timm's parsers fail with AssertionError, KeyError or ValueError on a bad string
+        return False
+    return True
+
+
+# Values each key accepts beyond its type (CHOICES aside), declared beside the defaults and checked whenever a file,
+# --opts or a flag sets the key, so that a bad value stops before any work, named with what is allowed. DATA.IMG_SIZE,
+# PATCH_SIZE and LAYERS are the network's to judge (check_architecture); AUG.CUTMIX_MINMAX is checked once merged.
+LIMITS: dict[str, Allowed] = {
+    "DATA.BATCH_SIZE": POSITIVE,
+    "DATA.NUM_WORKERS": _at_least(0),
+    "DATA.ZIP_MAX_MEMBER_MB": POSITIVE,
+    "MODEL.NUM_CLASSES": POSITIVE,
+    "MODEL.DROP_RATE": FRACTION,
+    "MODEL.DROP_PATH_RATE": FRACTION,
+    "MODEL.LABEL_SMOOTHING": FRACTION,
+    "MODEL.STRIP_MLP.IN_CHANS": Allowed(lambda value: value == 3, "3 (the data loaders give RGB images)"),
+    "MODEL.STRIP_MLP.EMBED_DIM": POSITIVE,
+    "MODEL.STRIP_MLP.ALPHA": POSITIVE,
+    "TRAIN.EPOCHS": POSITIVE,
+    "TRAIN.WARMUP_EPOCHS": _at_least(0),
+    "TRAIN.WEIGHT_DECAY": _at_least(0.0),
+    "TRAIN.BASE_LR": POSITIVE,
+    "TRAIN.WARMUP_LR": _at_least(0.0),
+    "TRAIN.MIN_LR": _at_least(0.0),
+    "TRAIN.CLIP_GRAD": _at_least(0.0),
+    "TRAIN.ACCUMULATION_STEPS": _at_least(0),
+    "TRAIN.LR_REFERENCE_BATCH": POSITIVE,
+    "TRAIN.KEEP_CHECKPOINTS": _at_least(0),
+    "TRAIN.SAVE_STEPS": _at_least(0),
+    "TRAIN.LAYER_DECAY": Allowed(_interval(0.0, 1.0, low_open=True).test, "in (0, 1], e.g. 0.8 (1.0 turns it off)"),
+    "TRAIN.LR_SCHEDULER.DECAY_EPOCHS": POSITIVE,
+    "TRAIN.LR_SCHEDULER.DECAY_RATE": _interval(0.0, 1.0, low_open=True),
+    "TRAIN.OPTIMIZER.EPS": POSITIVE,
+    "TRAIN.OPTIMIZER.BETAS": Allowed(lambda betas: len(betas) == 2 and all(FRACTION.test(b) for b in betas),
+                                     "two values in [0, 1), e.g. [0.9, 0.999]"),
+    "TRAIN.OPTIMIZER.MOMENTUM": FRACTION,
+    "TRAIN.EMA.DECAY": PROBABILITY,
+    "AUG.COLOR_JITTER": _at_least(0.0),
+    "AUG.AUTO_AUGMENT": Allowed(_augment_policy, "'none' or a timm policy such as rand-m9-mstd0.5-inc1, "
+                                                 "augmix-m5-w4-d2, original, originalr, v0, v0r or 3a"),
+    "AUG.HFLIP": PROBABILITY,
+    "AUG.REPROB": PROBABILITY,
+    "AUG.RECOUNT": POSITIVE,
+    "AUG.MIXUP": _at_least(0.0),
+    "AUG.CUTMIX": _at_least(0.0),
+    "AUG.MIXUP_PROB": PROBABILITY,
+    "AUG.MIXUP_SWITCH_PROB": PROBABILITY,
+    "SAVE_FREQ": POSITIVE,
+    "PRINT_FREQ": POSITIVE,
+    "SEED": _interval(0, 2**32 - 1),  # numpy's seeds are 32-bit
+}
+
+
 def _parse_literal(text: str) -> Any:
     """Read a string as a Python literal when it is one ("5e-4", "[2, 2]", "True"), else keep the string."""
     if text.lower() in ("true", "false"):
@@ -204,16 +300,19 @@ def _coerce(value: Any, default: Any, key: str, source: str) -> Any:
     if default is None:  # optional keys (AUG.CUTMIX_MINMAX) accept None or a value
         return value
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     if isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
         if default:  # items take the type of the default's items (LAYERS ints, BETAS floats)
             value = [_coerce(item, default[0], f"{key}[{i}]", source) for i, item in enumerate(value)]
-        return type(default)(value)
+        value = type(default)(value)
     if type(value) is not type(default):
         raise ConfigError(f"{source}: {key} expects type {type(default).__name__} (like {default!r}), got {value!r}")
     if key in CHOICES and value not in CHOICES[key]:
         choices = ", ".join(choice or repr(choice) for choice in CHOICES[key])  # '' for an empty choice
         raise ConfigError(f"{source}: {key} {value!r} is not supported; choose one of: {choices}")
+    if key in LIMITS and not LIMITS[key].test(value):
+        shown = list(value) if isinstance(value, tuple) else value
+        raise ConfigError(f"{source}: {key} must be {LIMITS[key].words}, got {shown!r}")
     return value
 
 
@@ -286,26 +385,48 @@ def _read_yaml(path: str) -> dict:
     return content
 
 
-def _merge_file(config: CN, path: str, chain: tuple[str, ...] = ()) -> None:
-    """Merge a YAML file into a config under construction, its BASE files first (paths relative to it)."""
-    real = os.path.realpath(path)
-    if real in chain:
-        raise ConfigError(f"{path}: BASE files include each other in a loop")
-    content = dict(_read_yaml(path))
+def _bases(path: str, content: dict) -> list[str]:
+    """The BASE files a file's content names, as paths (relative to the file), each checked to exist."""
     bases = content.pop("BASE", [])
     if isinstance(bases, str):
         bases = [bases]
     if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
         raise ConfigError(f"{path}: BASE must be a file name or a list of file names, got {bases!r}")
-    for base in bases:
-        if not base:  # the release's configs write BASE: [''] for "no base"
-            continue
-        base_path = os.path.join(os.path.dirname(path), base)
+    paths = [os.path.join(os.path.dirname(path), base) for base in bases if base]  # BASE: [''] means none
+    for base_path in paths:
         if not os.path.isfile(base_path):
             raise ConfigError(f"{path}: BASE file {base_path} not found")
-        _merge_file(config, base_path, chain + (real,))
-    for key, value in content.items():
-        _set_key(config, str(key), value, path)
+    return paths
+
+
+def _merge_file(config: CN, path: str) -> None:
+    """Merge a YAML file into a config under construction, its BASE files first (paths relative to it).
+
+    Each file is read and merged once, at its first place in a depth-first walk (bases before the file that
+    names them, in order), so a file named by several others costs nothing more and keeps its first place. The
+    walk keeps its own stack: a chain of thousands of files needs no recursion.
+    """
+    content = dict(_read_yaml(path))
+    stack = [(path, os.path.realpath(path), content, iter(_bases(path, content)))]
+    done: set[str] = set()
+    while stack:
+        file_path, real, content, bases = stack[-1]
+        base = next(bases, None)
+        if base is None:  # its bases are merged: now the file's own keys
+            stack.pop()
+            done.add(real)
+            for key, value in content.items():
+                _set_key(config, str(key), value, file_path)
+            continue
+        base_real = os.path.realpath(base)
+        if base_real in done:
+            continue
+        walk = [frame[1] for frame in stack]
+        if base_real in walk:
+            loop = " -> ".join(os.path.basename(name) for name in [*walk[walk.index(base_real):], base_real])
+            raise ConfigError(f"{file_path}: BASE files include each other in a loop ({loop})")
+        base_content = dict(_read_yaml(base))
+        stack.append((base, base_real, base_content, iter(_bases(base, base_content))))
 
 
 def _check_consistency(config: CN) -> None:
@@ -316,29 +437,6 @@ def _check_consistency(config: CN) -> None:
                            embed_dim=strip.EMBED_DIM, layers=strip.LAYERS)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    positive = {
-        "DATA.BATCH_SIZE": config.DATA.BATCH_SIZE,
-        "MODEL.NUM_CLASSES": config.MODEL.NUM_CLASSES,
-        "MODEL.STRIP_MLP.IN_CHANS": strip.IN_CHANS,
-        "MODEL.STRIP_MLP.ALPHA": strip.ALPHA,
-        "TRAIN.EPOCHS": config.TRAIN.EPOCHS,
-        "TRAIN.LR_REFERENCE_BATCH": config.TRAIN.LR_REFERENCE_BATCH,
-        "SAVE_FREQ": config.SAVE_FREQ,
-        "PRINT_FREQ": config.PRINT_FREQ,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key} must be positive, got {value}")
-    non_negative = {
-        "DATA.NUM_WORKERS": config.DATA.NUM_WORKERS,
-        "TRAIN.ACCUMULATION_STEPS": config.TRAIN.ACCUMULATION_STEPS,
-        "TRAIN.KEEP_CHECKPOINTS": config.TRAIN.KEEP_CHECKPOINTS,
-        "TRAIN.SAVE_STEPS": config.TRAIN.SAVE_STEPS,
-        "TRAIN.WARMUP_EPOCHS": config.TRAIN.WARMUP_EPOCHS,
-    }
-    for key, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"{key} must be 0 or more, got {value}")
     mixing = config.AUG.MIXUP > 0 or config.AUG.CUTMIX > 0 or config.AUG.CUTMIX_MINMAX is not None
     if mixing and config.DATA.BATCH_SIZE % 2:  # timm's Mixup pairs each image with its mirror in the batch
         raise ConfigError(f"DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} must be even while AUG.MIXUP or AUG.CUTMIX is on")
@@ -348,13 +446,6 @@ def _check_consistency(config: CN) -> None:
     if config.DATA.CACHE_MODE != "no" and not config.DATA.ZIP_MODE:
         raise ConfigError(f"DATA.CACHE_MODE {config.DATA.CACHE_MODE} caches members of packed archives; it needs "
                           "DATA.ZIP_MODE True (--zip)")
-    rates = {"MODEL.DROP_RATE": config.MODEL.DROP_RATE, "MODEL.DROP_PATH_RATE": config.MODEL.DROP_PATH_RATE}
-    for key, rate in rates.items():
-        if not 0.0 <= rate < 1.0:
-            raise ConfigError(f"{key} must be in [0, 1), got {rate}")
-    if not 0.0 < config.TRAIN.LAYER_DECAY <= 1.0:
-        raise ConfigError(f"TRAIN.LAYER_DECAY must be in (0, 1], got {config.TRAIN.LAYER_DECAY}; 1.0 turns layer-wise "
-                          "decay off, 0.8 is a usual fine-tuning value")
 
 
 def _shortcut_values(args: argparse.Namespace) -> list[tuple[str, str, Any]]:

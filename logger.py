@@ -7,6 +7,7 @@ around explicitly, so two runs in one process (the tests) never share handlers.
 
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -117,8 +118,11 @@ class MetricsLog:
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        # JSON has no NaN or infinity (a diverged loss): they are written as null, so every line stays valid JSON.
+        finite = {key: None if isinstance(value, float) and not math.isfinite(value) else value
+                  for key, value in row.items()}
         with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(finite, allow_nan=False) + "\n")
         if self.tensorboard is not None:
             for key, value in row.items():
                 if key != "epoch" and isinstance(value, int | float):

@@ -21,6 +21,18 @@ def test_rows_go_to_json_lines_and_tensorboard(tmp_path: Path) -> None:
     assert [(e.step, e.value) for e in events.Scalars("acc1")] == [(0, 10.0), (1, 42.0)]
 
 
+def test_non_finite_numbers_are_written_as_null_so_every_line_is_json(tmp_path: Path) -> None:
+    log = MetricsLog(tmp_path, enabled=True)
+    log.write({"epoch": 0, "train_loss": float("nan"), "ema_acc1": float("inf"), "acc1": 10.0})
+    log.close()
+    line = (tmp_path / "metrics.jsonl").read_text()
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    assert json.loads(line, parse_constant=refuse) == {"epoch": 0, "train_loss": None, "ema_acc1": None, "acc1": 10.0}
+
+
 def test_other_ranks_write_nothing(tmp_path: Path) -> None:
     log = MetricsLog(tmp_path, enabled=False)
     log.write({"epoch": 0, "acc1": 1.0})
