@@ -258,9 +258,9 @@ LIMITS: dict[str, Allowed] = {
     "TRAIN.LR_REFERENCE_BATCH": POSITIVE,
     "TRAIN.KEEP_CHECKPOINTS": _at_least(0),
     "TRAIN.SAVE_STEPS": _at_least(0),
-    "TRAIN.LAYER_DECAY": Allowed(_interval(0.0, 1.0, low_open=True).test, "in (0, 1], e.g. 0.8 (1.0 turns it off)"),
+    "TRAIN.LAYER_DECAY": _interval(0.0, 1.0, low_open=True),
     "TRAIN.LR_SCHEDULER.DECAY_EPOCHS": POSITIVE,
-    "TRAIN.LR_SCHEDULER.DECAY_RATE": _interval(0.0, 1.0, low_open=True),
+    "TRAIN.LR_SCHEDULER.DECAY_RATE": POSITIVE,  # usually below 1; above 1 raises the rate, as tests of divergence do
     "TRAIN.OPTIMIZER.EPS": POSITIVE,
     "TRAIN.OPTIMIZER.BETAS": Allowed(lambda betas: len(betas) == 2 and all(FRACTION.test(b) for b in betas),
                                      "two values in [0, 1), e.g. [0.9, 0.999]"),

@@ -283,7 +283,7 @@ BAD_VALUES = [
     ({}, "TRAIN.BASE_LR", math.inf, "positive"),
     ({}, "TRAIN.OPTIMIZER.BETAS", [0.9, 1.0], "two values in [0, 1), e.g. [0.9, 0.999]"),
     ({}, "TRAIN.CLIP_GRAD", -1, "0 or more"),
-    ({}, "TRAIN.LR_SCHEDULER.DECAY_RATE", 0, "in (0, 1]"),
+    ({}, "TRAIN.LR_SCHEDULER.DECAY_RATE", 0, "positive"),
     ({}, "AUG.CUTMIX", -0.5, "0 or more"),
     ({}, "AUG.MIXUP_SWITCH_PROB", 1.5, "in [0, 1]"),
     ({}, "MODEL.STRIP_MLP.EMBED_DIM", 0, "positive"),
