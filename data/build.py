@@ -50,7 +50,7 @@ def build_dataset(is_train: bool, config: CfgNode) -> SampleDataset:
         if kind not in ZIP_DATASETS:
             raise DataError(f"DATA.ZIP_MODE reads packed image folders ({', '.join(ZIP_DATASETS)}), not {kind}; "
                             "set DATA.ZIP_MODE False")
-        base = zip_split(root, split, kind, transform)
+        base = zip_split(root, split, kind, transform, config.DATA.ZIP_MAX_MEMBER_MB * 2**20)
     elif kind in CIFAR_KINDS:
         base = cifar_split(root, is_train, kind, transform)
     else:

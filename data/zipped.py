@@ -8,7 +8,10 @@ Members are read without extracting anything. The archive's directory is read on
 built; each process (a loader worker, or the main process) then opens the archive once and reads a member
 with two positioned reads (its local header, then its bytes), never parsing the directory again; Swin's
 reader parses it in every worker, which for ImageNet's 1.28 M members costs seconds and hundreds of MB each.
-Members stored or deflated are read; their CRC-32 is checked.
+Members stored or deflated are read; their CRC-32 is checked. The archive's directory is not trusted: a member
+whose declared sizes run past the archive's data, disagree, or exceed DATA.ZIP_MAX_MEMBER_MB is marked when the
+dataset is built, and inflating stops at the declared size (a zip bomb inflates no further), so such a member is
+an unreadable image, named and passed over like a damaged file, never an out-of-memory end.
 
 DATA.CACHE_MODE (Swin's ``--cache-mode``): "no" reads members from the archive on demand; "part" holds in
 memory the members this process reads (training: those with index % world_size == rank, which the training
@@ -95,13 +98,41 @@ def class_names(members: list[str], labels: list[int], map_path: str, root: str)
     return [by_label[label] for label in range(len(by_label))]
 
 
-def _directory(zip_path: str) -> dict[str, zipfile.ZipInfo]:
+def _directory(zip_path: str) -> tuple[dict[str, zipfile.ZipInfo], int]:
+    """The archive's members by name, and where its directory starts (the members' data all lie before it)."""
     try:
         with zipfile.ZipFile(zip_path) as archive:
-            return archive.NameToInfo
+            return archive.NameToInfo, archive.start_dir
     except (zipfile.BadZipFile, OSError) as err:
         raise DataError(f"{zip_path} is not a readable zip archive ({describe_error(err)}); re-pack it with "
                         "tools/make_zip_dataset.py") from None
+
+
+def _size_problem(info: zipfile.ZipInfo, data_end: int, max_bytes: int) -> str:
+    """Why a member's declared sizes cannot be trusted, or "" when they can."""
+    if info.header_offset + _LOCAL_HEADER.size + info.compress_size > data_end:
+        return (f"its directory entry declares {info.compress_size} bytes at offset {info.header_offset}, past the "
+                f"{data_end} bytes of member data; the archive's directory is damaged")
+    if info.file_size > max_bytes:
+        return (f"it declares {info.file_size / 2**20:.1f} MiB uncompressed, more than DATA.ZIP_MAX_MEMBER_MB "
+                f"{max_bytes / 2**20:g}")
+    if info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size:
+        return (f"a stored member declares {info.compress_size} bytes stored and {info.file_size} uncompressed; the "
+                "archive's directory is damaged")
+    return ""
+
+
+def _inflate(data: bytes | memoryview, size: int) -> bytes:
+    """Raw deflate data (as zip stores it) inflated to its declared ``size``, never further: a member that would
+    inflate past it (a zip bomb, a damaged size field) is refused after ``size + 1`` bytes."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    inflated = inflater.decompress(data, size + 1)
+    if len(inflated) > size:
+        raise zipfile.BadZipFile(f"it inflates past the {size} bytes its directory declares (a damaged archive or a "
+                                 "zip bomb)")
+    if len(inflated) < size:
+        raise zipfile.BadZipFile(f"it inflates to {len(inflated)} bytes, its directory declares {size}")
+    return inflated
 
 
 class ZipImageFolder(Dataset):
@@ -110,13 +141,15 @@ class ZipImageFolder(Dataset):
     Indexing gives (transform(image), label) as torchvision's ImageFolder does, the image an EncodedImage of the
     member's bytes (the transform decodes it, as it decodes files); ``classes``,
     ``samples`` (``("<archive>@/<member>", label)``) and ``targets`` are ImageFolder's attributes. A member that
-    cannot be read (a damaged archive, a CRC mismatch) or decoded raises UnreadableImageError, as a file does.
+    cannot be read (a damaged archive, a CRC mismatch, sizes its directory cannot back, more than
+    ``max_member_bytes`` inflated) or decoded raises UnreadableImageError, as a file does.
 
     Raises:
         DataError: a missing or unreadable archive or map, a malformed map, or a map path not in the archive.
     """
 
-    def __init__(self, root: str, split: str, transform: Callable | None = None) -> None:
+    def __init__(self, root: str, split: str, transform: Callable | None = None,
+                 max_member_bytes: int = 256 * 2**20) -> None:
         self.zip_path = os.path.join(root, f"{split}.zip")
         map_path = os.path.join(root, f"{split}_map.txt")
         for path in (self.zip_path, map_path):
@@ -129,7 +162,8 @@ class ZipImageFolder(Dataset):
         self.targets = labels
         self.transform = transform
 
-        directory = _directory(self.zip_path)
+        directory, data_end = _directory(self.zip_path)
+        self.bad_members: dict[int, str] = {}  # index -> why its declared sizes are refused; read as unreadable
         entries = []
         for number, member in enumerate(members, 1):
             info = directory.get(member)
@@ -140,10 +174,14 @@ class ZipImageFolder(Dataset):
                 raise DataError(f"{self.zip_path}: {member} is encrypted or compressed with method "
                                 f"{info.compress_type}; only {', '.join(_READABLE_METHODS.values())} members are "
                                 "read (re-pack with tools/make_zip_dataset.py)")
-            entries.append((info.header_offset, info.compress_size, info.CRC, info.compress_type))
+            problem = _size_problem(info, data_end, max_member_bytes)
+            if problem:
+                self.bad_members[number - 1] = problem
+            entries.append((info.header_offset, 0 if problem else info.compress_size, info.file_size, info.CRC,
+                            info.compress_type))
         # Plain arrays, not a million ZipInfo objects: forked workers share them without copy-on-write.
-        self.header_offsets, self.sizes, self.crcs, self.methods = (np.array(column, dtype=np.int64)
-                                                                    for column in zip(*entries, strict=True))
+        self.header_offsets, self.sizes, self.file_sizes, self.crcs, self.methods = (
+            np.array(column, dtype=np.int64) for column in zip(*entries, strict=True))
         self.cache_starts = np.full(len(members), -1, dtype=np.int64)  # where a member's bytes are in cache_buffer
         self.cache_buffer = np.empty(0, dtype=np.uint8)
         self._archive: io.FileIO | None = None
@@ -179,7 +217,7 @@ class ZipImageFolder(Dataset):
 
         A member whose local header is damaged is left out and fails, by name, when its sample is read.
         """
-        chosen = sorted(set(indices), key=lambda index: self.header_offsets[index])
+        chosen = sorted(set(indices) - set(self.bad_members), key=lambda index: self.header_offsets[index])
         buffer = np.empty(int(self.sizes[chosen].sum()) if chosen else 0, dtype=np.uint8)
         position = 0
         with open(self.zip_path, "rb", buffering=0) as archive:
@@ -196,6 +234,8 @@ class ZipImageFolder(Dataset):
 
     def read(self, index: int) -> bytes | memoryview:
         """The uncompressed bytes of member ``index``, from the cache or the archive, CRC-checked."""
+        if index in self.bad_members:
+            raise zipfile.BadZipFile(self.bad_members[index])
         size = int(self.sizes[index])
         start = int(self.cache_starts[index])
         if start >= 0:
@@ -206,7 +246,7 @@ class ZipImageFolder(Dataset):
             if len(data) != size:
                 raise zipfile.BadZipFile(f"the archive ends {size - len(data)} bytes into this member")
         if self.methods[index] == zipfile.ZIP_DEFLATED:
-            data = zlib.decompress(data, -zlib.MAX_WBITS)  # raw deflate, as zip stores it
+            data = _inflate(data, int(self.file_sizes[index]))
         if zlib.crc32(data) != self.crcs[index]:
             raise zipfile.BadZipFile("CRC-32 mismatch: the member's bytes are damaged")
         return data
@@ -221,9 +261,10 @@ class ZipImageFolder(Dataset):
         return (self.transform(image) if self.transform is not None else image), target
 
 
-def zip_split(root: str, split: str, kind: str, transform: Callable | None) -> ZipImageFolder:
-    """The packed split ``root/<split>.zip`` of an image-folder dataset kind (DATA.ZIP_MODE)."""
+def zip_split(root: str, split: str, kind: str, transform: Callable | None, max_member_bytes: int) -> ZipImageFolder:
+    """The packed split ``root/<split>.zip`` of an image-folder dataset kind (DATA.ZIP_MODE), whose members may
+    inflate to ``max_member_bytes`` each (DATA.ZIP_MAX_MEMBER_MB)."""
     if not os.path.isdir(root):
         raise DataError(f"{kind} (zip mode) data path {root!r} is not a folder; set DATA.DATA_PATH (--data-path) "
                         f"to a folder holding {ZIP_LAYOUT}")
-    return ZipImageFolder(root, split, transform)
+    return ZipImageFolder(root, split, transform, max_member_bytes)

@@ -1,8 +1,10 @@
 """Packed datasets (DATA.ZIP_MODE): tools/make_zip_dataset.py, the same batches as the folder tree, each cache
 mode, unreadable members, and one-line errors for broken archives and map files."""
 
+import io
 import os
 import random
+import struct
 import sys
 import zipfile
 from collections.abc import Callable
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from config import load_config
 from data import DataError, ZipImageFolder, build_dataset, build_loader
@@ -135,6 +138,65 @@ def test_unreadable_members_are_passed_over_like_unreadable_files(image_folder: 
     assert samples[2].bad == f"{archive}@/ant/img_002.jpg: BadZipFile: CRC-32 mismatch: the member's bytes are damaged"
     assert samples[0].bad == samples[3].bad == ""
     assert torch.equal(samples[1].image, samples[3].image) and samples[1].target == 1  # both replaced by bee's
+
+
+def _png(colour: tuple[int, int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _patch_directory(archive: Path, member: str, field: int, value: int) -> None:
+    """Overwrite one 4-byte field of a member's entry in the archive's central directory (20: compressed size,
+    24: uncompressed size), leaving its local header and data as they were."""
+    data = bytearray(archive.read_bytes())
+    entry = data.rindex(member.encode()) - 46  # the name follows the 46-byte fixed part; the directory comes last
+    assert data[entry:entry + 4] == b"PK\x01\x02"
+    struct.pack_into("<I", data, entry + field, value)
+    archive.write_bytes(bytes(data))
+
+
+def test_zip_bombs_are_unreadable_images_without_being_inflated(tmp_path: Path) -> None:
+    """A member declaring more than DATA.ZIP_MAX_MEMBER_MB, and one inflating past the size its directory declares,
+    are named and passed over; neither is inflated beyond its declared size."""
+    zeros = bytes(24 * 2**20)  # deflates to about 24 KB
+    packed = tmp_path / "packed"
+    packed.mkdir()
+    members = {"ant/a.png": _png((200, 0, 0)), "ant/bomb.png": zeros, "ant/liar.png": zeros,
+               "bee/b.png": _png((0, 0, 9))}
+    with zipfile.ZipFile(packed / "val.zip", "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    (packed / "val_map.txt").write_text("ant/a.png\t0\nant/bomb.png\t0\nant/liar.png\t0\nbee/b.png\t1\n")
+    _patch_directory(packed / "val.zip", "ant/liar.png", 24, 1000)  # declares 1000 bytes, inflates to 24 MiB
+    assert (packed / "val.zip").stat().st_size < 2**20
+
+    dataset = build_dataset(False, _config(packed, "DATA.ZIP_MODE", "True", "DATA.ZIP_MAX_MEMBER_MB", "1"))
+    samples = [dataset[i] for i in range(4)]
+    where = f"{packed / 'val.zip'}@/ant"
+    bomb = f"{where}/bomb.png: BadZipFile: it declares 24.0 MiB uncompressed, more than DATA.ZIP_MAX_MEMBER_MB 1"
+    liar = (f"{where}/liar.png: BadZipFile: it inflates past the 1000 bytes its directory declares (a damaged "
+            "archive or a zip bomb)")
+    assert [sample.bad for sample in samples] == ["", f"{bomb}\n{liar}", liar, ""]
+    assert [sample.target for sample in samples] == [0, 1, 1, 1]  # both passed over for bee's image
+
+
+def test_a_size_field_running_past_the_archive_marks_its_member_when_the_dataset_is_built(trees: tuple[Path, Path]
+                                                                                         ) -> None:
+    _, packed = trees
+    archive = packed / "val.zip"
+    with zipfile.ZipFile(archive) as opened:
+        offset = opened.getinfo("bee/img_000.jpg").header_offset
+        data_end = opened.start_dir
+    _patch_directory(archive, "bee/img_000.jpg", 20, 10**8)  # 100 MB compressed, in an archive of a few KB
+    loaders = build_loader(_config(packed, "DATA.ZIP_MODE", "True", "DATA.CACHE_MODE", "full"), train=False)
+    dataset = loaders.dataset_val
+    assert dataset.base.bad_members == {2: f"its directory entry declares 100000000 bytes at offset {offset}, past "
+                                           f"the {data_end} bytes of member data; the archive's directory is damaged"}
+    assert dataset.base.cache_buffer.nbytes < archive.stat().st_size  # the 100 MB were never allocated
+    samples = [dataset[i] for i in range(5)]
+    assert samples[2].bad == f"{archive}@/bee/img_000.jpg: BadZipFile: {dataset.base.bad_members[2]}"
+    assert [sample.bad for sample in samples].count("") == 4
 
 
 def test_swins_flat_validation_map_takes_the_class_names_of_the_training_map(trees: tuple[Path, Path]) -> None:
