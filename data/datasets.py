@@ -4,14 +4,17 @@ Each reader checks what it is given and raises :class:`DataError` with one line 
 what is expected there, so that a wrong ``DATA.DATA_PATH`` is explained instead of dumped as a traceback.
 """
 
+import codecs
 import io
 import os
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 from PIL import Image
-from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
+from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder, VisionDataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from utils import RunError
@@ -112,28 +115,72 @@ def image_folder_split(root: str, split: str, kind: str, transform: Callable | N
         raise DataError(f"{kind}: {path}: {str(err).rstrip('.')}; expected {layout}") from None
 
 
-def _without_checksums(base: type[CIFAR10]) -> type[CIFAR10]:
-    """A CIFAR class that checks no md5 sums and needs only the files of the split it reads.
+# What CIFAR's python batches may hold: numpy arrays (pickled by numpy 1 or 2, protocol 2 to 5), the bytes of
+# Python 2 strings, and plain containers. Each name maps to the object it may be, never imported by its name.
+_RECONSTRUCT, _FROMBUFFER = np.zeros(1).__reduce__()[0], np.zeros(1).__reduce_ex__(5)[0]  # protocols 2-4, 5
+CIFAR_GLOBALS: dict[tuple[str, str], Any] = {
+    **{(module, "_reconstruct"): _RECONSTRUCT for module in ("numpy.core.multiarray", "numpy._core.multiarray")},
+    **{(module, "_frombuffer"): _FROMBUFFER for module in ("numpy.core.numeric", "numpy._core.numeric")},
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): codecs.encode,
+    **{(module, kind.__name__): kind for module in ("builtins", "__builtin__")
+       for kind in (dict, list, tuple, str, bytes, bytearray, int, float)},
+}
 
-    The md5 sums reject re-packed copies of the same data and the small files the tests write; unpickling
-    and the reshape to 32x32x3 still fail loudly on a damaged file. torchvision's own check also wants both
-    splits' files, which would make evaluation need the training batches; cifar_split checks instead that
-    the requested split's files exist.
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays and plain containers only: any other class or function a file names is refused
+    before anything is called, so a hostile "CIFAR" folder runs no code."""
+
+    def __init__(self, file: io.BufferedReader, path: str, refusal: str) -> None:
+        super().__init__(file, encoding="latin1")  # the batches were pickled by Python 2
+        self.path = path
+        self.refusal = refusal
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = CIFAR_GLOBALS.get((module, name))
+        if allowed is None:
+            raise DataError(f"{self.path} holds code ({module}.{name}), not CIFAR's arrays; nothing in it was run. "
+                            f"{self.refusal}")
+        return allowed
+
+
+def _load_batch(path: str, refusal: str) -> Any:
+    with open(path, "rb") as file:
+        return _CifarUnpickler(file, path, refusal).load()
+
+
+def _restricted(base: type[CIFAR10], archive: str) -> type[CIFAR10]:
+    """torchvision's CIFAR class reading its files with the restricted unpickler, without md5 sums and needing only
+    the files of the split it reads.
+
+    The md5 sums reject re-packed copies of the same data and the small files the tests write; the reshape to
+    32x32x3 still fails loudly on a damaged file. torchvision's own check also wants both splits' files, which
+    would make evaluation need the training batches; cifar_split checks instead that the split's files exist.
     """
-    attributes = {
-        "_check_integrity": lambda self: True,
-        "meta": {**base.meta, "md5": None},
-    }
-    return type(f"Unchecked{base.__name__}", (base,), attributes)
 
+    def __init__(self: CIFAR10, root: str, train: bool = True, transform: Callable | None = None) -> None:
+        VisionDataset.__init__(self, root, transform=transform)
+        self.train = train
+        folder = os.path.join(self.root, self.base_folder)
+        refusal = f"Extract {archive} (the python version) from the official site again"
+        batches = [_load_batch(os.path.join(folder, name), refusal)
+                   for name, _ in (self.train_list if train else self.test_list)]
+        # Rows of 3 x 32 x 32 (R, G, B planes) -> (N, 32, 32, 3), as torchvision holds them.
+        self.data = np.vstack([batch["data"] for batch in batches]).reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1))
+        self.targets = [label for batch in batches for label in batch["labels" if "labels" in batch else "fine_labels"]]
+        self.classes = _load_batch(os.path.join(folder, self.meta["filename"]), refusal)[self.meta["key"]]
+        self.class_to_idx = {name: index for index, name in enumerate(self.classes)}
 
-UncheckedCIFAR10 = _without_checksums(CIFAR10)
-UncheckedCIFAR100 = _without_checksums(CIFAR100)
+    return type(f"Restricted{base.__name__}", (base,), {"__init__": __init__})
+
 
 # DATA.DATASET -> (reader class, archive the user downloads).
 CIFAR_KINDS: dict[str, tuple[type[CIFAR10], str]] = {
-    "cifar10": (UncheckedCIFAR10, "cifar-10-python.tar.gz"),
-    "cifar100": (UncheckedCIFAR100, "cifar-100-python.tar.gz"),
+    kind: (_restricted(base, archive), archive)
+    for kind, base, archive in (("cifar10", CIFAR10, "cifar-10-python.tar.gz"),
+                                ("cifar100", CIFAR100, "cifar-100-python.tar.gz"))
 }
 
 
@@ -149,7 +196,7 @@ def cifar_split(root: str, train: bool, kind: str, transform: Callable | None) -
             f"into DATA.DATA_PATH {root!r}"
         )
     try:
-        return reader(root, train=train, transform=transform, download=False)
-    except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as err:
+        return reader(root, train=train, transform=transform)
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as err:
         raise DataError(f"{kind}: cannot read the files in {folder} ({err!r}); extract {archive} again") from None
 

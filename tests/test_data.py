@@ -1,6 +1,7 @@
 """Data: every dataset kind on generated files, transforms, mixup, sharded validation, clear errors."""
 
 import os
+import pickle
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -68,6 +69,35 @@ def test_missing_cifar_files_are_named(cifar_root: Callable, tmp_path: Path) -> 
         build_loader(_config("cifar10", root, 10))
     with pytest.raises(DataError, match="cifar-100-python lacks train, meta"):
         build_loader(_config("cifar100", tmp_path, 100))
+
+
+class _CreatesAFile:
+    """Unpickling this calls open(path, "w"): plain pickle would create the file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple:
+        return open, (str(self.path), "w")
+
+
+def test_cifar_batches_are_read_without_running_code(cifar_root: Callable, tmp_path: Path) -> None:
+    root = cifar_root("cifar10")
+    folder = root / "cifar-10-batches-py"
+    for protocol, name in ((2, "data_batch_1"), (5, "data_batch_2")):  # Python 2's protocol (the real files), and 5
+        batch = pickle.loads((folder / name).read_bytes())
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=protocol))
+    assert len(build_loader(_config("cifar10", root, 10)).dataset_train) == 20
+
+    marker = tmp_path / "created_by_the_pickle"
+    payload = {"data": _CreatesAFile(marker), "labels": [0]}
+    (folder / "test_batch").write_bytes(pickle.dumps(payload))
+    with pytest.raises(DataError) as info:
+        build_loader(_config("cifar10", root, 10), train=False)
+    assert not marker.exists()
+    assert str(info.value) == (f"{folder / 'test_batch'} holds code (io.open), not CIFAR's arrays; nothing in "
+                               "it was run. Extract cifar-10-python.tar.gz (the python version) from the official "
+                               "site again")
 
 
 def test_class_count_must_match_num_classes(image_folder: Callable) -> None:
