@@ -9,13 +9,14 @@ file intact. Only rank 0 reads checkpoint files; every other rank receives rank 
 resume the same epoch with the same weights whatever their view of the file system.
 """
 
+import itertools
 import logging
 import os
 import pickle
 import re
 import zipfile
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -508,6 +509,27 @@ def class_names(checkpoint: Mapping[str, Any], num_classes: int) -> list[str]:
     if num_classes == 1000:
         return [description.split(",")[0] for description in ImageNetInfo().label_descriptions()]
     return [str(index) for index in range(num_classes)]
+
+
+def check_class_names(checkpoint: Mapping[str, Any], classes: Sequence[str], source: str) -> str:
+    """Refuse weights trained on other class names than the dataset's, or on the same in another order: evaluation
+    would score, and a resumed run would train, permuted labels. Returns the line to log: that they match, or that
+    the checkpoint carries no names to compare (the release's do not), so the check is skipped.
+
+    Raises:
+        CheckpointError: naming the first labels whose names differ.
+    """
+    saved = checkpoint.get("classes")
+    if not saved:
+        return f"{source} carries no class names (the release's do not); their check against the data's is skipped"
+    saved, classes = list(saved), list(classes)
+    if saved == classes:
+        return f"{source}: its {len(saved)} class names match the data's"
+    differing = [f"label {label}: {old!r} in the checkpoint, {new!r} in the data"
+                 for label, (old, new) in enumerate(itertools.zip_longest(saved, classes)) if old != new]
+    raise CheckpointError(f"{source} was trained on other classes than the data holds ({len(differing)} of "
+                          f"{max(len(saved), len(classes))} labels differ; {'; '.join(differing[:3])}); give the data "
+                          "it was trained on (DATA.DATA_PATH), or start a new run from its weights with --pretrained")
 
 
 def checkpoint_config(checkpoint: Mapping[str, Any], source: str, cfg_file: str | None = None,

@@ -19,6 +19,7 @@ from yacs.config import CfgNode
 
 from checkpoint import (
     ResumePoint,
+    check_class_names,
     choose_resume,
     epoch_checkpoints,
     fit_state_dict,
@@ -116,6 +117,7 @@ def evaluate_only(config: CfgNode, env: DistEnv, logger: logging.Logger) -> int:
         resume = choose_resume(config, env, logger)
         source = str(resume[0]) if resume else config.MODEL.PRETRAINED
         checkpoint = resume[1] if resume else read_checkpoint(source, env)
+        logger.info(check_class_names(checkpoint, loaders.dataset_val.classes, source))
         model.load_state_dict(fit_state_dict(checkpoint, model, source, logger))
         logger.info(f"loaded weights from {source}")
     forward_model = compile_model(model, inference_only=True) if config.COMPILE else model
@@ -183,6 +185,7 @@ def starting_point(config: CfgNode, env: DistEnv, training: Training, logger: lo
     state = training.state
     resume = choose_resume(config, env, logger)
     if resume is not None:
+        logger.info(check_class_names(resume[1], training.loaders.dataset_train.classes, str(resume[0])))
         point = restore_training(state, resume[1], str(resume[0]), config, env, training.updates_per_epoch, logger)
     else:
         point = ResumePoint(epoch=0, step=0, best_acc1=0.0)

@@ -15,6 +15,7 @@ from conftest import golden_architecture
 import checkpoint
 from checkpoint import (
     CheckpointError,
+    check_class_names,
     class_names,
     find_resume_checkpoint,
     fit_state_dict,
@@ -197,6 +198,19 @@ def test_a_trained_model_is_rebuilt_from_its_checkpoint_alone(tmp_path: Path) ->
 def test_release_imagenet_checkpoints_get_imagenet_class_names() -> None:
     names = class_names({}, 1000)
     assert len(names) == 1000 and names[:2] == ["tench", "goldfish"]
+
+
+def test_class_names_are_compared_in_order_and_skipped_for_release_checkpoints() -> None:
+    saved = {"classes": ["ant", "bee", "cat"]}
+    assert check_class_names(saved, ["ant", "bee", "cat"], "a.pth") == "a.pth: its 3 class names match the data's"
+    assert check_class_names({"model": {}}, ["ant"], "release.pth") == (
+        "release.pth carries no class names (the release's do not); their check against the data's is skipped")
+    with pytest.raises(CheckpointError) as info:
+        check_class_names(saved, ["bee", "ant", "cat", "dog"], "a.pth")
+    assert str(info.value).startswith("a.pth was trained on other classes than the data holds (3 of 4 labels differ; "
+                                      "label 0: 'ant' in the checkpoint, 'bee' in the data; label 1: 'bee' in the "
+                                      "checkpoint, 'ant' in the data; label 3: None in the checkpoint, 'dog' in the "
+                                      "data); give the data it was trained on")
 
 
 def test_weights_of_another_size_are_resampled_except_for_a_resumed_run() -> None:

@@ -3,6 +3,7 @@
 import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,9 @@ from checkpoint import load_checkpoint_file, save_checkpoint
 from config import config_from_text, load_config
 from data import build_loader
 from models import StripMLPNet
+
+sys.path.insert(0, str(REPO / "tools"))
+import resize_eval  # noqa: E402  (tools/ is a folder of scripts, not a package)
 
 # Resume runs: EMA, accumulation (6 micro-batches -> 3 updates per epoch), mixup/cutmix, RandAugment and drop
 # path all on, so every source of randomness and every piece of saved state takes part.
@@ -160,6 +164,27 @@ def test_nan_loss_stops_with_the_step_and_keeps_earlier_checkpoints(images: Path
     out = run_dir(tmp_path / "out")
     assert load_checkpoint_file(out / "latest.pth")["epoch"] == 0
     assert sorted(p.name for p in out.glob("*.pth")) == ["best.pth", "ckpt_epoch_0.pth", "latest.pth"]
+
+
+def test_a_checkpoint_of_other_class_names_stops_eval_resume_and_tools(trained: Path, images: Path, tmp_path: Path,
+                                                                       capsys) -> None:
+    renamed = shutil.copytree(images, tmp_path / "renamed")
+    for split in ("train", "val"):  # two class folders renamed: sorted, the labels of both move
+        (renamed / split / "class_0").rename(renamed / split / "zebra")
+        (renamed / split / "class_2").rename(renamed / split / "aardvark")
+    checkpoint = str(trained / "latest.pth")
+    refusal = (f"{checkpoint} was trained on other classes than the data holds (2 of 3 labels differ; label 0: "
+               "'class_0' in the checkpoint, 'aardvark' in the data; label 2: 'class_2' in the checkpoint, 'zebra' "
+               "in the data); give the data it was trained on (DATA.DATA_PATH), or start a new run from its weights "
+               "with --pretrained")
+    common = ["--cfg", str(trained / "config.yaml"), "--resume", checkpoint, "--data-path", str(renamed)]
+    assert main.main([*common, "--eval", "--output", str(tmp_path / "eval")]) == 1
+    assert refusal in capsys.readouterr().err
+    assert main.main([*common, "--output", str(tmp_path / "resumed"), "--opts", "TRAIN.EPOCHS", "3"]) == 1
+    assert refusal in capsys.readouterr().err
+    assert not list((tmp_path / "resumed").rglob("*.pth"))
+    assert resize_eval.main(["--resume", checkpoint, "--sizes", "64", "--opts", "DATA.DATA_PATH", str(renamed)]) == 1
+    assert capsys.readouterr().err == f"error: {refusal}\n"
 
 
 # ---------------------------------------------------------------------------------------------------------------

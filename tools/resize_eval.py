@@ -11,13 +11,14 @@ after one row at the size the model was trained for; the table is printed in Mar
 
 import argparse
 import logging
+import sys
 from collections.abc import Sequence
 
 import torch
 from model_cli import add_model_arguments, device_of, eval_settings, run_tool  # puts the repo on the path
 
-from checkpoint import checkpoint_config, load_checkpoint_file
-from data import build_loader
+from checkpoint import check_class_names, checkpoint_config, load_checkpoint_file
+from data import build_dataset, build_loader
 from engine import validate
 from models import build_model, checkpoint_filter_fn, clean_state_dict
 from utils import image_size, seed_everything
@@ -49,6 +50,7 @@ def resize_eval(args: argparse.Namespace) -> int:
     weights = clean_state_dict(checkpoint)
     trained = checkpoint_config(checkpoint, args.resume, args.cfg, args.opts)
     reference = image_size(trained)
+    print(check_class_names(checkpoint, build_dataset(False, trained).classes, args.resume), file=sys.stderr)
     print(f"| input size | scale | {' | '.join(f'top-1 {method}' for method in METHODS)} |")
     print(f"|---|---|{'---|' * len(METHODS)}")
     for size in [str(list(reference)), *args.sizes]:
