@@ -13,6 +13,7 @@ import itertools
 import logging
 import os
 import pickle
+import pickletools
 import re
 import zipfile
 from collections import OrderedDict
@@ -72,28 +73,62 @@ def save_checkpoint(state: Mapping[str, Any], path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _pickled_globals(path: Path) -> list[str] | None:
+    """The classes and functions a plain pickle file names, read opcode by opcode (nothing is run), or None when the
+    file is not one whole pickle."""
+    strings: list[str] = []
+    names: list[str] = []
+    try:
+        with open(path, "rb") as file:
+            for opcode, argument, _ in pickletools.genops(file):
+                if opcode.name in ("GLOBAL", "INST"):  # "module name"
+                    names.append(".".join(str(argument).split(" ", 1)))
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:  # module and name pushed just before
+                    names.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(argument, str):
+                    strings.append(argument)
+    except (ValueError, EOFError, OverflowError, UnicodeDecodeError):  # pickletools' ways of saying "not a pickle"
+        return None
+    return names
+
+
 def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint on the CPU, accepting only tensors, plain containers and the release's config.
 
     Raises:
-        CheckpointError: the file is missing, truncated or corrupt, or holds other objects (nothing in it runs).
+        CheckpointError: the file is missing, a folder, truncated or corrupt, or holds other objects (nothing in it
+            runs: a pickle that names code is reported as such).
     """
     path = Path(path)
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.pth"))
+        pick = LATEST_NAME if LATEST_NAME in found else (found[-1] if found else None)
+        hint = f"e.g. {path / pick}" if pick else "it holds no .pth files"
+        raise CheckpointError(f"checkpoint {path} is a folder; give a checkpoint file to --resume/--pretrained, {hint}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; check the path given to --resume/--pretrained")
     try:
         with torch.serialization.safe_globals(RELEASE_GLOBALS):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # The weights-only loader names the class or function it refused; anything else is a damaged file.
+        # The weights-only loader names the class or function it refused. A plain pickle (not torch.save's format)
+        # it stops at its first opcode, so what that names is read here, opcode by opcode.
         refusal = next((line.strip() for line in str(e).splitlines()
                         if any(word in line for word in ("GLOBAL", "Can only", "reduce"))), None)
+        names = _pickled_globals(path) if refusal is None else None
+        if names:
+            named = list(dict.fromkeys(names))
+            shown = ", ".join(named[:5]) + (f" and {len(named) - 5} more" if len(named) > 5 else "")
+            refusal = f"a plain Python pickle naming {shown}: code that loading it would run"
+        elif names is not None:
+            raise CheckpointError(f"cannot read {path}: it is a plain Python pickle, not a file written by torch.save; "
+                                  "re-save its tensors with torch.save") from None
         if refusal is None:
             raise CheckpointError(f"cannot read {path}: the file is truncated or corrupt (not a checkpoint's "
                                   "contents); delete it or point to another checkpoint") from None
         raise CheckpointError(
-            f"refusing {path}: it holds objects other than tensors and plain containers ({refusal}); "
-            "only weights-only checkpoints are loaded, re-save it as a dict of tensors"
+            f"refusing {path}: it holds objects other than tensors and plain containers ({refusal}); nothing in it "
+            "was run; only weights-only checkpoints are loaded, re-save it as a dict of tensors"
         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
         raise CheckpointError(

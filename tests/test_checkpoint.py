@@ -64,16 +64,21 @@ def test_save_is_atomic_and_a_failed_write_keeps_the_old_file(tmp_path: Path, mo
     assert [p.name for p in tmp_path.iterdir()] == ["latest.pth"]  # no temporary file left behind
 
 
-@pytest.mark.parametrize("zipped", [True, False], ids=["torch.save", "raw-pickle"])
-def test_malicious_pickle_is_refused_and_does_not_run(tmp_path: Path, zipped: bool) -> None:
+@pytest.mark.parametrize("protocol", [None, 2, 5], ids=["torch.save", "raw-pickle-2", "raw-pickle-5"])
+def test_malicious_pickle_is_refused_and_does_not_run(tmp_path: Path, protocol: int | None) -> None:
     marker, path = tmp_path / "pwned", tmp_path / "evil.pth"
     payload = {"model": {"w": torch.ones(1)}, "extra": Evil(marker)}
-    if zipped:
+    if protocol is None:
         torch.save(payload, path)
-    else:
-        path.write_bytes(pickle.dumps(payload, protocol=2))
-    with pytest.raises(CheckpointError, match="refusing .*evil.pth: it holds objects other than tensors"):
+    else:  # the weights-only loader stops a protocol-5 pickle at its first opcode, before seeing what it names
+        path.write_bytes(pickle.dumps(payload, protocol=protocol))
+    with pytest.raises(CheckpointError) as info:
         load_checkpoint_file(path)
+    assert str(info.value).startswith(f"refusing {path}: it holds objects other than tensors and plain containers (")
+    assert "nothing in it was run" in str(info.value)
+    if protocol == 5:  # what it names, read without running it, instead of "truncated or corrupt"
+        assert "(a plain Python pickle naming torch._utils._rebuild_tensor_v2, " in str(info.value)
+        assert f"{os.system.__module__}.system: code that loading it would run)" in str(info.value)
     assert not marker.exists()
 
 
@@ -85,6 +90,20 @@ def test_truncated_and_missing_files_are_reported(tmp_path: Path) -> None:
         load_checkpoint_file(path)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint_file(tmp_path / "nope.pth")
+    path.write_bytes(pickle.dumps({"epoch": 3}))  # whole, but not torch.save's format
+    with pytest.raises(CheckpointError, match="it is a plain Python pickle, not a file written by torch.save"):
+        load_checkpoint_file(path)
+
+
+def test_a_folder_given_as_checkpoint_is_named_with_the_file_to_give(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint_file(tmp_path)
+    assert str(info.value) == f"checkpoint {tmp_path} is a folder; give a checkpoint file to --resume/--pretrained, " \
+                              "it holds no .pth files"
+    save_checkpoint({"w": torch.zeros(1)}, tmp_path / "ckpt_epoch_0.pth")
+    save_checkpoint({"w": torch.zeros(1)}, tmp_path / "latest.pth")
+    with pytest.raises(CheckpointError, match=f"is a folder; .*, e.g. {tmp_path / 'latest.pth'}$"):
+        load_checkpoint_file(tmp_path)
 
 
 def test_auto_resume_skips_a_truncated_newest_checkpoint(tmp_path: Path, caplog) -> None:
