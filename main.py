@@ -62,7 +62,7 @@ from lr_scheduler import build_scheduler, effective_learning_rates
 from models import build_model
 from optimizer import build_optimizer
 from reports import PER_CLASS_MAX_CLASSES, ClassTally, sample_names, write_reports
-from utils import RunError, seed_everything, unwrap_model
+from utils import RunError, make_folder, seed_everything, unwrap_model
 
 
 def check_request(config: CfgNode, env: DistEnv) -> None:
@@ -281,6 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     unexpected one a traceback marked with the rank, on stderr and in the rank's log file."""
     try:
         _, config = parse_option(argv)
+        make_folder(config.OUTPUT, "--output")  # its log file comes first
         env = init_distributed(config.DEVICE)
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,8 +1,9 @@
-"""Small helpers shared by the run: the user-facing error class, seeding and RNG states, model unwrapping, and the
-input size a config sets."""
+"""Small helpers shared by the run: the user-facing error class, output folders, seeding and RNG states, model
+unwrapping, and the input size a config sets."""
 
 import random
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,24 @@ class RunError(RuntimeError):
         if "\nOriginal Traceback" in message:
             message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
         super().__init__(message)
+
+
+def make_folder(path: str | Path, flag: str) -> Path:
+    """Create the folder ``path`` (with its parents) where a run or tool will write, before any work is done.
+
+    Raises:
+        RunError: naming ``flag`` (the option that gave the path) and why it cannot be a folder: a file in the way,
+            no permission, a read-only file system.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        blocker = next((part for part in (path, *path.parents) if part.exists()), None)
+        why = (f"{blocker} is a file, not a folder" if blocker is not None and not blocker.is_dir() else
+               f"cannot create the folder: {err.strerror}")
+        raise RunError(f"{flag} {path}: {why}; give another path") from None
+    return path
 
 
 def seed_everything(seed: int) -> None:

@@ -70,6 +70,10 @@ def test_missing_packages_and_bad_arguments_give_one_line(tiny_run: TinyRun, tmp
     assert export.main([*resume, "--format", "torchscript", "--output", str(tmp_path / "m.ts"),
                         "--tolerance", "-1"]) == 1
     assert "--tolerance must be 0 or more" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")
+    assert export.main([*resume, "--format", "torchscript", "--output", str(tmp_path / "a_file" / "m.ts")]) == 1
+    assert capsys.readouterr().err == f"error: --output {tmp_path / 'a_file'}: {tmp_path / 'a_file'} is a file, not " \
+                                      "a folder; give another path\n"
     with pytest.raises(SystemExit):
         export.main([*resume, "--format", "onnx", "--output", str(tmp_path / "m.onnx"), "--batch-size", "0"])
     assert "expected a positive number or 'dynamic', got '0'" in capsys.readouterr().err

@@ -166,6 +166,13 @@ def test_nan_loss_stops_with_the_step_and_keeps_earlier_checkpoints(images: Path
     assert sorted(p.name for p in out.glob("*.pth")) == ["best.pth", "ckpt_epoch_0.pth", "latest.pth"]
 
 
+def test_an_output_under_a_file_is_one_line(trained: Path, tmp_path: Path, capsys) -> None:
+    (tmp_path / "a_file").write_text("")
+    assert main.main(["--cfg", str(trained / "config.yaml"), "--output", str(tmp_path / "a_file" / "x")]) == 1
+    assert capsys.readouterr().err == f"error: --output {tmp_path / 'a_file' / 'x' / 'tiny' / 'run'}: " \
+                                      f"{tmp_path / 'a_file'} is a file, not a folder; give another path\n"
+
+
 def test_a_checkpoint_of_other_class_names_stops_eval_resume_and_tools(trained: Path, images: Path, tmp_path: Path,
                                                                        capsys) -> None:
     renamed = shutil.copytree(images, tmp_path / "renamed")

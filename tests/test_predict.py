@@ -85,6 +85,19 @@ def test_nothing_predictable_or_bad_arguments_give_one_line(tiny_run: TinyRun, t
         assert err.splitlines()[-1].startswith("error: ") and message in err and "Traceback" not in err, err
 
 
+def test_an_output_that_cannot_be_written_stops_before_predicting(tiny_run: TinyRun, tmp_path: Path,
+                                                                  capsys) -> None:
+    in_the_way = tmp_path / "a_file"
+    in_the_way.write_text("")
+    images = str(tiny_run.images / "val")
+    assert predict.main(["--resume", str(tiny_run.checkpoint), images, "--output", str(in_the_way / "p.csv")]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == f"error: --output {in_the_way}: {in_the_way} is a file, not a folder; give another path\n"
+    assert captured.out == ""  # nothing was predicted first
+    assert predict.main(["--resume", str(tiny_run.checkpoint), images, "--output", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == f"error: --output {tmp_path}: expected a file name ending in .csv or .json\n"
+
+
 def test_release_checkpoints_need_cfg_and_get_imagenet_names(tiny_run: TinyRun, tmp_path: Path, capsys) -> None:
     """A release checkpoint holds weights only: the model comes from --cfg, and 1000 outputs get ImageNet's names."""
     weights = load_checkpoint_file(tiny_run.checkpoint)["model"]

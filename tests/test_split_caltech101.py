@@ -136,3 +136,15 @@ def test_bad_input_gives_one_line_and_exit_2(caltech_source: Callable, tmp_path:
     assert result.returncode == 2
     assert message in result.stderr and result.stderr.strip().count("\n") == 0
     assert not (tmp_path / "out").exists()
+
+
+def test_a_destination_reaching_the_source_through_a_link_is_refused(caltech_source: Callable, tmp_path: Path,
+                                                                     capsys) -> None:
+    src = caltech_source({"a": 3, "b": 3})
+    link = tmp_path / "link"
+    link.symlink_to(src)
+    for dst, real in ((link / "split", src / "split"), (link, src)):
+        assert split_caltech101.main(["--src", str(src), "--dst", str(dst)]) == 2
+        assert capsys.readouterr().err == (f"error: destination {dst} lies inside the source {src} (it is {real}); "
+                                           "choose a folder outside it\n")
+    assert sorted(p.name for p in src.iterdir()) == ["a", "b"]

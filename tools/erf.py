@@ -35,7 +35,7 @@ from config import load_config
 from data import DeviceLoader, build_dataset
 from logger import ProgressLine
 from models import build_model
-from utils import RunError, image_size, seed_everything
+from utils import RunError, image_size, make_folder, seed_everything
 
 RANDOM = "random"
 THRESHOLDS = (0.2, 0.3, 0.5, 0.99)
@@ -207,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
         import matplotlib  # noqa: F401
     except ImportError:
         raise RunError("drawing the ERF needs matplotlib, which is not installed; pip install matplotlib") from None
+    make_folder(args.output.parent, "--output")
     device = device_of(args)
     progress = ProgressLine(enabled=True)
     results = []
@@ -224,7 +225,6 @@ def run(args: argparse.Namespace) -> int:
         cells = [f"{square.area_ratio:.4f} ({max(square.height, square.width)})" for square in squares]
         print(f"{result.label:<40} {result.images:>6} {f'{data.shape[0]}x{data.shape[1]}':>9} "
               + " ".join(f"{cell:>12}" for cell in cells))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
     plot(results, args.stage, args.output)
     print(f"wrote {args.output}")
     return 0

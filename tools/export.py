@@ -26,7 +26,7 @@ import torch
 from model_cli import add_model_arguments, device_of, load_model, run_tool  # puts the repository on the path
 from torch import nn
 
-from utils import RunError, image_size
+from utils import RunError, image_size, make_folder
 
 FORMATS = ("onnx", "torchscript", "exported")
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # the exporter's and the checker's; pinned in requirements-dev
@@ -128,12 +128,12 @@ def run(args: argparse.Namespace) -> int:
                        f"file; name the output {args.output.with_suffix('.pt2')}")
     if args.tolerance < 0:
         raise RunError(f"--tolerance must be 0 or more, got {args.tolerance}")
+    make_folder(args.output.parent, "--output")
     device = device_of(args)
     config, model, _ = load_model(args.resume, args, device)
     size, channels = image_size(config), config.MODEL.STRIP_MLP.IN_CHANS
     dynamic = args.batch_size is None
     example = torch.randn(args.batch_size or EXAMPLE_BATCH, channels, *size, device=device)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
     try:
         export(model, example, args.format, args.output, dynamic)

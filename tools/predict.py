@@ -25,7 +25,7 @@ from data import DeviceLoader, ImageFiles, build_transform, find_images
 from engine import eval_logits
 from logger import ProgressLine
 from reports import top_k, topk_entries, topk_fields, write_csv
-from utils import RunError, image_size
+from utils import RunError, image_size, make_folder
 
 OUTPUT_FORMATS = (".csv", ".json")
 
@@ -42,8 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 @torch.no_grad()
 def predict(args: argparse.Namespace) -> int:
-    if args.output is not None and args.output.suffix.lower() not in OUTPUT_FORMATS:
-        raise RunError(f"--output {args.output}: expected a file name ending in .csv or .json")
+    if args.output is not None:
+        if args.output.suffix.lower() not in OUTPUT_FORMATS:
+            raise RunError(f"--output {args.output}: expected a file name ending in .csv or .json")
+        if args.output.is_dir():
+            raise RunError(f"--output {args.output} is a folder; give a file name ending in .csv or .json")
+        make_folder(args.output.parent, "--output")  # before the predictions, not after them
     if args.topk < 1 or (args.batch_size is not None and args.batch_size < 1):
         raise RunError(f"--topk and --batch-size must be 1 or more, got {args.topk} and {args.batch_size}")
     files, empty = find_images(args.paths)
@@ -91,7 +95,6 @@ def predict(args: argparse.Namespace) -> int:
 def write_rows(path: Path, rows: Sequence[dict], k: int) -> None:
     """CSV (path, class_1, prob_1, ..., class_k, prob_k, error) or JSON (a list of objects with those fields)."""
     fields = ["path", *topk_fields(k), "error"]
-    path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".json":
         path.write_text(json.dumps([{field: row.get(field) for field in fields} for row in rows], indent=1) + "\n")
     else:

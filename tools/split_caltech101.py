@@ -138,8 +138,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="replace the files an earlier run listed in its manifest")
     args = parser.parse_args(argv)
     try:
-        if os.path.abspath(args.dst).startswith(os.path.abspath(args.src) + os.sep):
-            raise SplitError(f"destination {args.dst} lies inside the source {args.src}; choose a folder outside it")
+        # Real paths, so that a symbolic link on the way to --dst cannot lead back into the source.
+        src_real, dst_real = os.path.realpath(args.src), os.path.realpath(args.dst)
+        if dst_real == src_real or dst_real.startswith(src_real + os.sep):
+            raise SplitError(f"destination {args.dst} lies inside the source {args.src} (it is {dst_real}); choose a "
+                             "folder outside it")
         plan = plan_split(args.src, args.train_ratio, args.seed, args.include_background)
         _clear_previous(args.dst, args.force)
         write_split(args.src, args.dst, plan, args.mode)
