@@ -11,7 +11,6 @@ after one row at the size the model was trained for; the table is printed in Mar
 
 import argparse
 import logging
-import sys
 from collections.abc import Sequence
 
 import torch
@@ -50,7 +49,7 @@ def resize_eval(args: argparse.Namespace) -> int:
     weights = clean_state_dict(checkpoint)
     trained = checkpoint_config(checkpoint, args.resume, args.cfg, args.opts)
     reference = image_size(trained)
-    print(check_class_names(checkpoint, build_dataset(False, trained).classes, args.resume), file=sys.stderr)
+    check_class_names(checkpoint, build_dataset(False, trained).classes, args.resume)  # refuses permuted labels
     print(f"| input size | scale | {' | '.join(f'top-1 {method}' for method in METHODS)} |")
     print(f"|---|---|{'---|' * len(METHODS)}")
     for size in [str(list(reference)), *args.sizes]:
