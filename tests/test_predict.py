@@ -94,8 +94,10 @@ def test_an_output_that_cannot_be_written_stops_before_predicting(tiny_run: Tiny
     captured = capsys.readouterr()
     assert captured.err == f"error: --output {in_the_way}: {in_the_way} is a file, not a folder; give another path\n"
     assert captured.out == ""  # nothing was predicted first
-    assert predict.main(["--resume", str(tiny_run.checkpoint), images, "--output", str(tmp_path)]) == 1
-    assert capsys.readouterr().err == f"error: --output {tmp_path}: expected a file name ending in .csv or .json\n"
+    (tmp_path / "folder.csv").mkdir()
+    assert predict.main(["--resume", str(tiny_run.checkpoint), images, "--output", str(tmp_path / "folder.csv")]) == 1
+    assert capsys.readouterr().err == f"error: --output {tmp_path / 'folder.csv'} is a folder; give a file name " \
+                                      "ending in .csv or .json\n"
 
 
 def test_release_checkpoints_need_cfg_and_get_imagenet_names(tiny_run: TinyRun, tmp_path: Path, capsys) -> None:
