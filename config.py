@@ -260,7 +260,7 @@ LIMITS: dict[str, Allowed] = {
     "TRAIN.SAVE_STEPS": _at_least(0),
     "TRAIN.LAYER_DECAY": _interval(0.0, 1.0, low_open=True),
     "TRAIN.LR_SCHEDULER.DECAY_EPOCHS": POSITIVE,
-    "TRAIN.LR_SCHEDULER.DECAY_RATE": POSITIVE,  # usually below 1; above 1 raises the rate, as tests of divergence do
+    "TRAIN.LR_SCHEDULER.DECAY_RATE": POSITIVE,  # usually below 1; above 1 raises the rate at each step
     "TRAIN.OPTIMIZER.EPS": POSITIVE,
     "TRAIN.OPTIMIZER.BETAS": Allowed(lambda betas: len(betas) == 2 and all(FRACTION.test(b) for b in betas),
                                      "two values in [0, 1), e.g. [0.9, 0.999]"),
