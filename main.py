@@ -7,6 +7,7 @@ checkpoints, and the epoch loop of ``engine.py``.
 import functools
 import logging
 import math
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,8 +34,10 @@ from config import dump_config, parse_option
 from data import Loaders, build_loader
 from distributed import (
     EXIT_PREEMPTED,
+    PREEMPTION_SIGNALS,
     DistEnv,
     PreemptionSignal,
+    RunInterrupted,
     any_rank,
     configure_backends,
     destroy_distributed,
@@ -218,10 +221,11 @@ def train(config: CfgNode, env: DistEnv, logger: logging.Logger, preemption: Pre
                                        logger=logger),
                 save_every=config.TRAIN.SAVE_STEPS)
             loaders.loader_train.sampler.set_epoch(epoch, start=start_step * config.DATA.BATCH_SIZE)
-            train_stats = train_one_epoch(state, loaders.loader_train, epoch, settings, logger, loaders.mixup_fn,
-                                          unreadable, start_step, interruptions)
+            with preemption.deferred():
+                train_stats = train_one_epoch(state, loaders.loader_train, epoch, settings, logger, loaders.mixup_fn,
+                                              unreadable, start_step, interruptions)
             if train_stats.pop("stopped_at") is not None:
-                return stop_for_preemption(env, logger)
+                return stop_for_preemption(env, logger, preemption.received)
             average_bn_statistics(state, config.TRAIN.SYNC_BN, env)
             tally = (ClassTally(config.MODEL.NUM_CLASSES, env.device)
                      if config.MODEL.NUM_CLASSES < PER_CLASS_MAX_CLASSES else None)
@@ -237,10 +241,11 @@ def train(config: CfgNode, env: DistEnv, logger: logging.Logger, preemption: Pre
             is_best = val_stats["acc1"] > best_acc1
             best_acc1 = max(best_acc1, val_stats["acc1"])
             logger.info(f"epoch {epoch}: Acc@1 {val_stats['acc1']:.3f}, best {best_acc1:.3f}")
-            save_epoch(state, config, env, epoch, best_acc1, is_best, classes, logger)
-            metrics_log.write(row)
+            with preemption.deferred():
+                save_epoch(state, config, env, epoch, best_acc1, is_best, classes, logger)
+                metrics_log.write(row)
             if any_rank(preemption.received is not None, env) and epoch + 1 < config.TRAIN.EPOCHS:
-                return stop_for_preemption(env, logger)
+                return stop_for_preemption(env, logger, preemption.received)
     finally:
         metrics_log.close()
     saved = [p.name for _, p in epoch_checkpoints(Path(config.OUTPUT))]
@@ -248,15 +253,18 @@ def train(config: CfgNode, env: DistEnv, logger: logging.Logger, preemption: Pre
     return 0
 
 
-def stop_for_preemption(env: DistEnv, logger: logging.Logger) -> int:
-    """After the stop request's checkpoint: requeue the SLURM job (rank 0) and exit with EXIT_PREEMPTED."""
-    logger.warning(f"stopped on a preemption signal; the same command resumes (exit status {EXIT_PREEMPTED})")
-    if env.is_main:
+def stop_for_preemption(env: DistEnv, logger: logging.Logger, signum: int | None) -> int:
+    """After the stop request's checkpoint: requeue the SLURM job (rank 0) after a cluster's signal (not after
+    Ctrl-C) and exit with EXIT_PREEMPTED. ``signum`` is this rank's signal (None: another rank's)."""
+    name = signal.Signals(signum).name if signum is not None else "another rank's stop signal"
+    logger.warning(f"stopped on {name} after saving where the run is; the same command resumes "
+                   f"(exit status {EXIT_PREEMPTED})")
+    if env.is_main and signum in PREEMPTION_SIGNALS:
         requeue_slurm_job(logger)
     return EXIT_PREEMPTED
 
 
-def run(config: CfgNode, env: DistEnv, logger: logging.Logger) -> int:
+def run(config: CfgNode, env: DistEnv, logger: logging.Logger, preemption: PreemptionSignal) -> int:
     check_request(config, env)
     if env.is_main:
         dump_config(config, str(Path(config.OUTPUT) / "config.yaml"))
@@ -269,31 +277,38 @@ def run(config: CfgNode, env: DistEnv, logger: logging.Logger) -> int:
     configure_backends(config.DETERMINISTIC, config.TRAIN.TF32)
     if config.EVAL_MODE or config.THROUGHPUT_MODE:
         return evaluate_only(config, env, logger)
-    with PreemptionSignal() as preemption:
-        return train(config, env, logger, preemption)
+    return train(config, env, logger, preemption)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse the command line and run; a user-facing error becomes one line on stderr and exit status 1, and an
-    unexpected one a traceback marked with the rank, on stderr and in the rank's log file."""
-    try:
-        _, config = parse_option(argv)
-        env = init_distributed(config.DEVICE)
-    except RunError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    logger = create_logger(Path(config.OUTPUT), env.rank, config.MODEL.NAME)
-    try:
-        return run(config, env, logger)
-    except RunError as e:
-        logger.error(str(e))
-        return 1
-    except Exception as e:
-        logger.exception(f"unexpected {type(e).__name__}: {e}")
-        return 1
-    finally:
-        close_logger(logger)
-        destroy_distributed()
+    """Parse the command line and run; a user-facing error becomes one line on stderr and exit status 1, a stop
+    signal that cannot wait one line and 128 + its number, and an unexpected error a traceback marked with the
+    rank, on stderr and in the rank's log file. Stop signals are handled from the start (see PreemptionSignal)."""
+    with PreemptionSignal() as preemption:
+        try:
+            _, config = parse_option(argv)
+            env = init_distributed(config.DEVICE)
+        except RunError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        except RunInterrupted as e:
+            print(f"error: {e}", file=sys.stderr)
+            return e.exit_status
+        logger = create_logger(Path(config.OUTPUT), env.rank, config.MODEL.NAME)
+        try:
+            return run(config, env, logger, preemption)
+        except RunInterrupted as e:
+            logger.error(str(e))
+            return e.exit_status
+        except RunError as e:
+            logger.error(str(e))
+            return 1
+        except Exception as e:
+            logger.exception(f"unexpected {type(e).__name__}: {e}")
+            return 1
+        finally:
+            close_logger(logger)
+            destroy_distributed()
 
 
 if __name__ == "__main__":

@@ -543,7 +543,8 @@ def test_a_nan_on_rank1_stops_both_ranks_with_the_error_on_stderr(images: Path, 
 
 
 # Runs main.py and sends itself SIGUSR1 during the first update of epoch 1 (update 3), and a SIGTERM while the
-# resulting checkpoint is being written.
+# resulting checkpoint is being written: within REPEAT_WINDOW_S, the same request again (as torchrun passes on the
+# signal SLURM sent to every process), which changes nothing.
 PREEMPTED_RUN = textwrap.dedent("""
     import io, os, runpy, signal, sys
     sys.path.insert(0, os.getcwd())
