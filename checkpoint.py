@@ -13,6 +13,7 @@ import logging
 import os
 import pickle
 import re
+import secrets
 import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -59,14 +60,31 @@ class CheckpointError(RunError):
 
 
 def save_checkpoint(state: Mapping[str, Any], path: Path) -> None:
-    """Write ``state`` to ``path`` atomically: a temporary file, flushed to disk, then renamed over the target."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Write ``state`` to ``path`` atomically: a temporary file, flushed to disk, then renamed over the target.
+
+    The temporary name is the writer's own (process id and a random part), so two writers never write into one
+    file; whatever happens, it is gone when this returns or raises.
+
+    Raises:
+        CheckpointError: the file cannot be written (a full disk, no permission): one line naming it and the
+            cause; the file that ``path`` held before is intact.
+    """
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         with open(tmp, "wb") as f:
             torch.save(dict(state), f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        # torch's writer reports a failed write as "RuntimeError: [enforce fail ...] unexpected pos"; the
+        # file's own OSError is the exception it was handling.
+        cause = next((err for err in (e, e.__cause__, e.__context__) if isinstance(err, OSError)), None)
+        if cause is None:
+            raise
+        raise CheckpointError(f"cannot write checkpoint {path}: {type(cause).__name__}: {cause}; the checkpoints "
+                              "already written are intact: free space on that disk, or choose another --output"
+                              ) from None
     finally:
         tmp.unlink(missing_ok=True)
 
