@@ -64,6 +64,7 @@ from lr_scheduler import build_scheduler, effective_learning_rates
 from models import build_model
 from optimizer import build_optimizer
 from reports import PER_CLASS_MAX_CLASSES, ClassTally, sample_names, write_reports
+from run_lock import hold_folder
 from utils import RunError, seed_everything, unwrap_model
 
 
@@ -264,20 +265,33 @@ def stop_for_preemption(env: DistEnv, logger: logging.Logger, signum: int | None
     return EXIT_PREEMPTED
 
 
-def run(config: CfgNode, env: DistEnv, logger: logging.Logger, preemption: PreemptionSignal) -> int:
-    check_request(config, env)
+def prepare(config: CfgNode, env: DistEnv, logger: logging.Logger, config_dir: Path) -> None:
+    """Write the config to ``config_dir`` (rank 0) and set the process's threads, seeds and kernels."""
     if env.is_main:
-        dump_config(config, str(Path(config.OUTPUT) / "config.yaml"))
+        config_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(config, str(config_dir / "config.yaml"))
     logger.debug(f"full config:\n{config.dump()}")
-    logger.info(f"rank {env.rank} of {env.world_size} on {env.device}; config saved to {config.OUTPUT}/config.yaml")
+    logger.info(f"rank {env.rank} of {env.world_size} on {env.device}; config saved to {config_dir}/config.yaml")
     threads = set_cpu_threads(config.DATA.NUM_WORKERS, env)
     if threads is not None:
         logger.info(f"CPU compute threads: {threads} (set OMP_NUM_THREADS to choose)")
     seed_everything(config.SEED + env.rank)
     configure_backends(config.DETERMINISTIC, config.TRAIN.TF32)
+
+
+def run(config: CfgNode, env: DistEnv, logger: logging.Logger, preemption: PreemptionSignal) -> int:
+    """Evaluate (or measure throughput), or train holding the output folder's lock.
+
+    Evaluation may share a training run's folder (even while it trains): it writes only under ``eval/``, its
+    config beside its reports, so the run's own ``config.yaml`` stays the one it was trained with.
+    """
+    check_request(config, env)
     if config.EVAL_MODE or config.THROUGHPUT_MODE:
+        prepare(config, env, logger, Path(config.OUTPUT) / "eval")
         return evaluate_only(config, env, logger)
-    return train(config, env, logger, preemption)
+    with hold_folder(Path(config.OUTPUT), env, logger):
+        prepare(config, env, logger, Path(config.OUTPUT))
+        return train(config, env, logger, preemption)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
