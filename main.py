@@ -279,18 +279,21 @@ def prepare(config: CfgNode, env: DistEnv, logger: logging.Logger, config_dir: P
     configure_backends(config.DETERMINISTIC, config.TRAIN.TF32)
 
 
-def run(config: CfgNode, env: DistEnv, logger: logging.Logger, preemption: PreemptionSignal) -> int:
-    """Evaluate (or measure throughput), or train holding the output folder's lock.
+def own_folder(config: CfgNode) -> Path:
+    """Where a run writes its config and logs: the output folder when training; for evaluation and throughput its
+    ``eval/`` sub-folder, beside the evaluation's reports. An evaluation may share a training run's folder (even
+    while it trains) and leaves the run's files as they are: its ``config.yaml`` stays the one it trained with."""
+    return Path(config.OUTPUT) / "eval" if config.EVAL_MODE or config.THROUGHPUT_MODE else Path(config.OUTPUT)
 
-    Evaluation may share a training run's folder (even while it trains): it writes only under ``eval/``, its
-    config beside its reports, so the run's own ``config.yaml`` stays the one it was trained with.
-    """
+
+def run(config: CfgNode, env: DistEnv, logger: logging.Logger, preemption: PreemptionSignal) -> int:
+    """Evaluate (or measure throughput), or train holding the output folder's lock."""
     check_request(config, env)
     if config.EVAL_MODE or config.THROUGHPUT_MODE:
-        prepare(config, env, logger, Path(config.OUTPUT) / "eval")
+        prepare(config, env, logger, own_folder(config))
         return evaluate_only(config, env, logger)
     with hold_folder(Path(config.OUTPUT), env, logger):
-        prepare(config, env, logger, Path(config.OUTPUT))
+        prepare(config, env, logger, own_folder(config))
         return train(config, env, logger, preemption)
 
 
@@ -308,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except RunInterrupted as e:
             print(f"error: {e}", file=sys.stderr)
             return e.exit_status
-        logger = create_logger(Path(config.OUTPUT), env.rank, config.MODEL.NAME)
+        logger = create_logger(own_folder(config), env.rank, config.MODEL.NAME)
         try:
             return run(config, env, logger, preemption)
         except RunInterrupted as e:

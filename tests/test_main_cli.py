@@ -66,6 +66,21 @@ def test_eval_of_a_checkpoint_prints_the_release_summary(trained: Path, capsys) 
     assert f" * Acc@1 {last['acc1']:.3f} Acc@5 {last['acc5']:.3f}" in capsys.readouterr().out
 
 
+def test_eval_in_the_training_runs_folder_leaves_its_files_alone(trained: Path, capsys) -> None:
+    """The README's own command evaluates into the run's folder; its config and logs go beside its reports."""
+    def files() -> dict[str, bytes]:
+        return {str(p.relative_to(trained)): p.read_bytes() for p in trained.rglob("*")
+                if p.is_file() and "eval" not in p.relative_to(trained).parts}
+
+    before = files()
+    config = trained.parents[2] / "config.yaml"  # the command that trained it: same output folder
+    assert main.main(["--cfg", str(config), "--eval", "--resume", str(trained / "latest.pth"), "--opts",
+                      "DATA.BATCH_SIZE", "2"]) == 0
+    assert files() == before
+    assert load_config(str(trained / "eval" / "config.yaml")).DATA.BATCH_SIZE == 2
+    assert " * Acc@1" in (trained / "eval" / "log_rank0.txt").read_text()
+
+
 @pytest.mark.slow
 def test_compiled_eval_folds_the_loaded_weights_and_gives_the_same_result(trained: Path, capsys) -> None:
     """An eval-only run compiles with inductor's freezing, which bakes in the weights present at the
