@@ -19,6 +19,7 @@ from torch import nn
 from yacs.config import CfgNode
 
 from checkpoint import (
+    Resume,
     ResumePoint,
     choose_resume,
     epoch_checkpoints,
@@ -29,6 +30,7 @@ from checkpoint import (
     resumable_checkpoints,
     save_epoch,
     save_position,
+    start_timeline,
 )
 from config import dump_config, parse_option
 from data import Loaders, build_loader
@@ -179,13 +181,13 @@ def build_training(config: CfgNode, env: DistEnv, logger: logging.Logger) -> Tra
     return Training(loaders, settings, state, updates_per_epoch)
 
 
-def starting_point(config: CfgNode, env: DistEnv, training: Training, logger: logging.Logger) -> ResumePoint:
+def starting_point(config: CfgNode, env: DistEnv, training: Training, resume: Resume | None,
+                   logger: logging.Logger) -> ResumePoint:
     """Restore the run to continue, or load the pretrained weights to start from; returns where to start.
 
     Checkpoints are read by rank 0 and their contents broadcast, so every rank loads the same weights.
     """
     state = training.state
-    resume = choose_resume(config, env, logger)
     if resume is not None:
         point = restore_training(state, resume[1], str(resume[0]), config, env, training.updates_per_epoch, logger)
     else:
@@ -203,11 +205,15 @@ def train(config: CfgNode, env: DistEnv, logger: logging.Logger, preemption: Pre
     """Train for the remaining epochs; returns 0, or EXIT_PREEMPTED after a stop request was saved."""
     training = build_training(config, env, logger)
     loaders, settings, state = training.loaders, training.settings, training.state
-    point = starting_point(config, env, training, logger)
+    resume = choose_resume(config, env, logger)
+    point = starting_point(config, env, training, resume, logger)
+    timeline = start_timeline(config, resume, env, logger)
     classes = loaders.dataset_train.classes
     best_acc1 = point.best_acc1
     unreadable = UnreadableImages(config.DATA.BAD_IMAGE)
     metrics_log = MetricsLog(Path(config.OUTPUT), enabled=env.is_main)
+    timeline.history = metrics_log.reconcile(resume.checkpoint.get("history") if resume is not None else [],
+                                             point.epoch - 1)
     if point.epoch < config.TRAIN.EPOCHS:
         logger.info(f"training epochs {point.epoch}..{config.TRAIN.EPOCHS - 1}, "
                     f"{training.updates_per_epoch} updates per epoch")
@@ -219,7 +225,7 @@ def train(config: CfgNode, env: DistEnv, logger: logging.Logger, preemption: Pre
             interruptions = Interruptions(
                 stop_requested=lambda: preemption.received is not None,
                 save=functools.partial(save_position, state, config, env, epoch, best_acc1=best_acc1, classes=classes,
-                                       logger=logger),
+                                       timeline=timeline, logger=logger),
                 save_every=config.TRAIN.SAVE_STEPS)
             loaders.loader_train.sampler.set_epoch(epoch, start=start_step * config.DATA.BATCH_SIZE)
             with preemption.deferred():
@@ -242,8 +248,9 @@ def train(config: CfgNode, env: DistEnv, logger: logging.Logger, preemption: Pre
             is_best = val_stats["acc1"] > best_acc1
             best_acc1 = max(best_acc1, val_stats["acc1"])
             logger.info(f"epoch {epoch}: Acc@1 {val_stats['acc1']:.3f}, best {best_acc1:.3f}")
+            timeline.history.append(row)  # saved with the checkpoint first: a kill before the file's row loses none
             with preemption.deferred():
-                save_epoch(state, config, env, epoch, best_acc1, is_best, classes, logger)
+                save_epoch(state, config, env, epoch, best_acc1, is_best, classes, timeline, logger)
                 metrics_log.write(row)
             if any_rank(preemption.received is not None, env) and epoch + 1 < config.TRAIN.EPOCHS:
                 return stop_for_preemption(env, logger, preemption.received)

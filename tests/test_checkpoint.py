@@ -16,6 +16,7 @@ from conftest import golden_architecture
 import checkpoint
 from checkpoint import (
     CheckpointError,
+    Timeline,
     class_names,
     find_resume_checkpoint,
     fit_state_dict,
@@ -164,11 +165,13 @@ def test_auto_resume_takes_an_epoch_file_written_after_latest(tmp_path: Path) ->
 
 
 def test_prune_keeps_the_newest_epochs(tmp_path: Path) -> None:
+    timeline = Timeline("run", None, next_seq=1)
     for epoch in (0, 5, 10, 15):
-        save_checkpoint({"epoch": epoch}, tmp_path / f"ckpt_epoch_{epoch}.pth")
+        path = tmp_path / f"ckpt_epoch_{epoch}.pth"
+        save_checkpoint(timeline.stamp(path, {"epoch": epoch}), path)
     save_checkpoint({}, tmp_path / "best.pth")
-    assert prune_checkpoints(tmp_path, keep=0) == []
-    removed = prune_checkpoints(tmp_path, keep=2)
+    assert prune_checkpoints(timeline, keep=0) == []
+    removed = prune_checkpoints(timeline, keep=2)
     assert sorted(p.name for p in removed) == ["ckpt_epoch_0.pth", "ckpt_epoch_5.pth"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pth", "ckpt_epoch_10.pth", "ckpt_epoch_15.pth"]
 
