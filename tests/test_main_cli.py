@@ -179,6 +179,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_earlier_checkpoints(images: Path
     assert sorted(p.name for p in out.glob("*.pth")) == ["best.pth", "ckpt_epoch_0.pth", "latest.pth"]
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_the_run_with_one_line_and_keeps_earlier_checkpoints(images: Path, tmp_path: Path,
                                                                               monkeypatch, capsys) -> None:
     """The disk fills during epoch 1's first checkpoint write (the file's writes fail with ENOSPC, as the kernel's
