@@ -17,9 +17,11 @@ from run_helpers import REPO, launch, plain, run_dir, write_config, write_image_
 from yacs.config import CfgNode
 
 from checkpoint import (
+    CheckpointError,
     Resume,
     choose_resume,
     load_checkpoint_file,
+    peek_checkpoint,
     prune_checkpoints,
     save_checkpoint,
     start_timeline,
@@ -122,6 +124,27 @@ def test_metrics_rows_are_reconciled_with_the_resumed_checkpoint(tmp_path: Path)
     assert log.reconcile(saved, last_epoch=1) == saved
     assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == saved
     log.close()
+
+
+class Evil:
+    """Unpickling this runs a shell command."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_peeking_at_a_checkpoint_reads_its_record_and_runs_nothing(tmp_path: Path) -> None:
+    torch.save({"epoch": 4, "step": 2, "save_seq": 9, "run_id": "r", "payload": Evil(tmp_path / "pwned"),
+                "model": {"w": torch.ones(3)}}, tmp_path / "c.pth")
+    assert peek_checkpoint(tmp_path / "c.pth") == {"save_seq": 9, "run_id": "r", "resumed_from": None, "epoch": 4,
+                                                   "step": 2}
+    assert not (tmp_path / "pwned").exists()
+    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        peek_checkpoint(tmp_path / "bad.pth")
 
 
 # ---------------------------------------------------------------------------------------------------------------
