@@ -15,9 +15,12 @@ import os
 import pickle
 import pickletools
 import re
+import secrets
+import uuid
 import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -61,14 +64,31 @@ class CheckpointError(RunError):
 
 
 def save_checkpoint(state: Mapping[str, Any], path: Path) -> None:
-    """Write ``state`` to ``path`` atomically: a temporary file, flushed to disk, then renamed over the target."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Write ``state`` to ``path`` atomically: a temporary file, flushed to disk, then renamed over the target.
+
+    The temporary name is the writer's own (process id and a random part), so two writers never write into one
+    file; whatever happens, it is gone when this returns or raises.
+
+    Raises:
+        CheckpointError: the file cannot be written (a full disk, no permission): one line naming it and the
+            cause; the file that ``path`` held before is intact.
+    """
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         with open(tmp, "wb") as f:
             torch.save(dict(state), f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        # torch's writer reports a failed write as "RuntimeError: [enforce fail ...] unexpected pos"; the
+        # file's own OSError is the exception it was handling.
+        cause = next((err for err in (e, e.__cause__, e.__context__) if isinstance(err, OSError)), None)
+        if cause is None:
+            raise
+        raise CheckpointError(f"cannot write checkpoint {path}: {type(cause).__name__}: {cause}; the checkpoints "
+                              "already written are intact: free space on that disk, or choose another --output"
+                              ) from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -157,7 +177,16 @@ def saved_config(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Choosing the file to resume from
+# One timeline per output folder
+#
+# Every file a run saves records where it stands: ``save_seq`` orders the files of a folder by when they were
+# written (each run starts above the highest it finds there), ``run_id`` names the run that wrote it (a run
+# continued after a kill, a preemption or a requeue keeps its id), ``resumed_from`` the file given to
+# ``--resume`` that the run started from, and ``history`` the metrics rows of the epochs it finished. A run
+# continues from the file written last, never from the one with the highest number in its name or the newest
+# time; files from before these fields were saved come first, in the order of their epoch and step.
+
+TIMELINE_KEYS = ("save_seq", "run_id", "resumed_from")
 
 
 def epoch_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
@@ -176,64 +205,219 @@ def resumable_checkpoints(output_dir: Path) -> list[Path]:
     return [p for _, p in epoch_checkpoints(output_dir)] + ([latest] if latest.is_file() else [])
 
 
-def _try_load(path: Path, logger: logging.Logger) -> dict[str, Any] | None:
-    try:
-        return load_checkpoint_file(path)
-    except CheckpointError as e:
-        logger.warning(f"auto-resume skips {path.name}: {e}")
+class Saved(NamedTuple):
+    """A checkpoint file and what it records of its place in the timeline (its tensors are not read)."""
+
+    path: Path
+    record: dict[str, Any]
+
+    @property
+    def order(self) -> tuple:
+        """Later is greater: the save sequence, then (files without one) epoch and step, then latest.pth."""
+        return (self.record.get("save_seq") or 0, self.record.get("epoch", -1), self.record.get("step") or 0,
+                self.path.name == LATEST_NAME)
+
+
+def _record(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: checkpoint.get(key) for key in (*TIMELINE_KEYS, "epoch", "step")}
+
+
+class _Node(dict):
+    """What the state dicts' OrderedDicts become when a checkpoint is only peeked at (attributes allowed)."""
+
+
+def _nothing(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+class _PeekUnpickler(pickle.Unpickler):
+    """Reads a checkpoint's pickle without its tensors: every class or function it names becomes a stub that
+    returns None (the state dicts' OrderedDicts, plain dicts), so nothing in the file runs and no tensor is read."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        return _Node if (module, name) == ("collections", "OrderedDict") else _nothing
+
+    def persistent_load(self, pid: Any) -> None:
         return None
 
 
-def find_resume_checkpoint(output_dir: Path, logger: logging.Logger) -> tuple[Path, dict[str, Any]] | None:
-    """The loadable checkpoint of the highest epoch in ``output_dir``, with its contents, or None.
+def peek_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint's timeline fields, epoch and step, read from its pickle alone (25x faster than loading a
+    strip_mlp_tiny training checkpoint); a file that cannot be read so (another format, damaged) is loaded in full.
 
-    ``latest.pth`` is written every epoch and is normally the one; an epoch file beyond it (a kill between the
-    two writes) or below it (``latest.pth`` unreadable) is taken by the epoch in its name. File times are not
-    used, so a copied output folder resumes the same way. Unreadable files are skipped with a warning.
+    Raises:
+        CheckpointError: as :func:`load_checkpoint_file`.
     """
-    latest_path = output_dir / LATEST_NAME
-    latest = _try_load(latest_path, logger) if latest_path.is_file() else None
-    latest_epoch = latest.get("epoch", -1) if latest is not None else -1
-    for epoch, path in reversed(epoch_checkpoints(output_dir)):
-        if epoch <= latest_epoch:
-            break
-        checkpoint = _try_load(path, logger)
-        if checkpoint is not None:
-            return path, checkpoint
-    return (latest_path, latest) if latest is not None else None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
+            with archive.open(name) as f:
+                checkpoint = _PeekUnpickler(f).load()
+    except (pickle.UnpicklingError, StopIteration, EOFError, OSError, zipfile.BadZipFile, ValueError,
+            AttributeError, TypeError, IndexError, KeyError):
+        checkpoint = load_checkpoint_file(path)
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, expected a dict of tensors")
+    return _record(checkpoint)
 
 
-def choose_resume(config: CfgNode, env: DistEnv, logger: logging.Logger) -> tuple[Path, dict[str, Any]] | None:
+def saved_checkpoints(paths: list[Path], logger: logging.Logger) -> list[Saved]:
+    """The readable ones of ``paths``, written last first; each unreadable file is skipped with a warning."""
+    found = []
+    for path in paths:
+        try:
+            found.append(Saved(path, peek_checkpoint(path)))
+        except CheckpointError as e:
+            logger.warning(f"auto-resume skips {path.name}: {e}")
+    return sorted(found, key=lambda saved: saved.order, reverse=True)
+
+
+def _load_first(candidates: list[Saved], logger: logging.Logger) -> tuple[Path, dict[str, Any]] | None:
+    for saved in candidates:
+        try:
+            return saved.path, load_checkpoint_file(saved.path)
+        except CheckpointError as e:
+            logger.warning(f"auto-resume skips {saved.path.name}: {e}")
+    return None
+
+
+def find_resume_checkpoint(output_dir: Path, logger: logging.Logger) -> tuple[Path, dict[str, Any]] | None:
+    """The loadable checkpoint of ``output_dir`` written last, with its contents, or None.
+
+    The save sequence recorded in each file decides; a rewound run (``--resume`` of an earlier epoch) wrote its
+    files after the abandoned run's later epochs, so its own come first. File names and times are not used,
+    so a copied output folder resumes the same way. Unreadable files are skipped with a warning.
+    """
+    return _load_first(saved_checkpoints(resumable_checkpoints(output_dir), logger), logger)
+
+
+def _same_file(a: str | Path, b: str | Path) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+class Resume(NamedTuple):
+    """The checkpoint a run continues from, and whether it continues that file's run (auto-resume, or a
+    requeued ``--resume`` run) rather than starting a new run from it."""
+
+    path: Path
+    checkpoint: dict[str, Any]
+    continues: bool
+
+
+def choose_resume(config: CfgNode, env: DistEnv, logger: logging.Logger) -> Resume | None:
     """The checkpoint this run continues from, chosen and read by rank 0 and the same on every rank.
 
-    ``MODEL.RESUME`` names it; otherwise a training run with ``TRAIN.AUTO_RESUME`` takes the newest readable
-    checkpoint in its output folder. Other ranks never look at their own file system, so node-local output
-    folders or a stale network file system view cannot make them resume another epoch.
+    ``MODEL.RESUME`` names it, except for a training run whose output folder already holds checkpoints that
+    it wrote after starting from that file (it was preempted, killed or requeued): it continues from the
+    newest of those, so the same command never throws away what it wrote, and the log says so. Otherwise a
+    training run with ``TRAIN.AUTO_RESUME`` takes the checkpoint of its output folder written last. Other ranks
+    never look at their own file system, so node-local output folders or a stale network file system view cannot
+    make them resume another epoch.
     """
     output_dir = Path(config.OUTPUT)
     training = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
 
-    def choose() -> tuple[Path, dict[str, Any]] | None:
+    def choose() -> Resume | None:
+        if config.MODEL.RESUME and training:
+            quiet = logging.Logger("quiet")  # files of other runs that do not load are not this run's concern
+            descendants = [saved for saved in saved_checkpoints(resumable_checkpoints(output_dir), quiet)
+                           if _same_file((saved.record.get("resumed_from") or {}).get("path", ""), config.MODEL.RESUME)]
+            found = _load_first(descendants, logger)
+            if found is not None:
+                record = _record(found[1])
+                logger.info(f"{output_dir} holds checkpoints that this run wrote after --resume {config.MODEL.RESUME}: "
+                            f"continuing from {found[0].name} (epoch {record['epoch']}, step {record['step'] or 0}), "
+                            "not from that file")
+                return Resume(*found, continues=True)
         if config.MODEL.RESUME:
-            return Path(config.MODEL.RESUME), load_checkpoint_file(config.MODEL.RESUME)
+            return Resume(Path(config.MODEL.RESUME), load_checkpoint_file(config.MODEL.RESUME), continues=False)
         if not (config.TRAIN.AUTO_RESUME and training):
             return None
         found = find_resume_checkpoint(output_dir, logger)
         if found is None and resumable_checkpoints(output_dir):
             raise CheckpointError(f"{output_dir} holds checkpoints but none loads; move them away to start afresh, "
                                   "or choose another --output/--tag")
-        return found
+        return Resume(*found, continues=True) if found is not None else None
 
     return on_rank0(choose, env)
 
 
-def prune_checkpoints(output_dir: Path, keep: int) -> list[Path]:
-    """Delete all but the ``keep`` newest epoch checkpoints (``keep`` <= 0 keeps all); returns what was deleted."""
+@dataclass
+class Timeline:
+    """A training run's place in its output folder's timeline: what each file it saves records, and which files
+    are its own to prune.
+
+    Attributes:
+        run_id: the run's id, kept by the runs that continue it.
+        resumed_from: the ``--resume`` file the run started from (path, its run id and save sequence), or None.
+        next_seq: the save sequence of the next file written.
+        own: this run's epoch checkpoints and their save sequences.
+        protected: files never pruned: those this run, or another run of the folder, resumed from.
+        history: the metrics rows of the finished epochs.
+    """
+
+    run_id: str
+    resumed_from: dict[str, Any] | None
+    next_seq: int
+    own: dict[Path, int] = field(default_factory=dict)
+    protected: set[Path] = field(default_factory=set)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def stamp(self, path: Path, checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+        """``checkpoint`` with this run's timeline fields and the next save sequence, to be saved as ``path``."""
+        seq, self.next_seq = self.next_seq, self.next_seq + 1
+        if CHECKPOINT_PATTERN.fullmatch(path.name):
+            self.own[path] = seq
+        return {**checkpoint, "save_seq": seq, "run_id": self.run_id, "resumed_from": self.resumed_from,
+                "history": list(self.history)}
+
+
+def start_timeline(config: CfgNode, resume: Resume | None, env: DistEnv, logger: logging.Logger) -> Timeline:
+    """The timeline of a training run (rank 0 reads the folder; every rank gets the same).
+
+    A run that continues a checkpoint keeps its run id and lineage; one started afresh or from ``--resume FILE``
+    is a new run. Its files come after every file of the folder (and after the file it resumed from).
+    """
+    output_dir = Path(config.OUTPUT)
+
+    def start() -> Timeline:
+        quiet = logging.Logger("quiet")  # auto-resume already warned of the files that do not load
+        folder = saved_checkpoints(sorted(output_dir.glob("*.pth")), quiet)
+        resumed = _record(resume.checkpoint) if resume is not None else {}
+        last_seq = max([saved.record.get("save_seq") or 0 for saved in folder] + [resumed.get("save_seq") or 0])
+        if resume is not None and resume.continues:
+            run_id, resumed_from = resumed.get("run_id") or uuid.uuid4().hex, resumed.get("resumed_from")
+        elif resume is not None:
+            run_id = uuid.uuid4().hex
+            resumed_from = {"path": os.path.realpath(resume.path), "run_id": resumed.get("run_id"),
+                            "save_seq": resumed.get("save_seq")}
+        else:
+            run_id, resumed_from = uuid.uuid4().hex, None
+        own = {saved.path: saved.record["save_seq"] for saved in folder
+               if saved.record.get("run_id") == run_id and CHECKPOINT_PATTERN.fullmatch(saved.path.name)}
+        # The files this run and every run of the folder started from (a rewound run's, too).
+        starts = [(saved.record.get("resumed_from") or {}).get("path") for saved in folder] + [
+            resume.path if resume is not None else None, (resumed_from or {}).get("path")]
+        protected = {Path(os.path.realpath(p)) for p in starts if p}
+        history = list(resume.checkpoint.get("history") or []) if resume is not None else []
+        return Timeline(run_id, resumed_from, last_seq + 1, own, protected, history)
+
+    timeline = on_rank0(start, env)
+    logger.debug(f"run {timeline.run_id}, resumed from {timeline.resumed_from}, next save {timeline.next_seq}")
+    return timeline
+
+
+def prune_checkpoints(timeline: Timeline, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` newest epoch checkpoints of this run (``keep`` <= 0 keeps all); files of other
+    runs and the files a run resumed from are never deleted. Returns what was deleted."""
     if keep <= 0:
         return []
-    doomed = [path for _, path in epoch_checkpoints(output_dir)[:-keep]]
+    candidates = sorted((seq, path) for path, seq in timeline.own.items()
+                        if Path(os.path.realpath(path)) not in timeline.protected)
+    doomed = [path for _, path in candidates[:-keep]]
     for path in doomed:
-        path.unlink()
+        path.unlink(missing_ok=True)
+        del timeline.own[path]
     return doomed
 
 
@@ -247,7 +431,8 @@ def build_checkpoint(state: TrainState, config: CfgNode, env: DistEnv, epoch: in
     dataset's class names, which the tools show.
 
     ``epoch`` is the last finished epoch (-1 for none) and ``step`` the micro-steps already done of the next
-    one (a checkpoint written inside an epoch; 0 at an epoch's end).
+    one (a checkpoint written inside an epoch; 0 at an epoch's end). Saving adds the timeline's fields
+    (:meth:`Timeline.stamp`).
 
     The release's keys (``model``, ``optimizer``, ``lr_scheduler``, ``max_accuracy``, ``epoch``, ``config``)
     are kept, so the release's own code can read these files too.
@@ -270,24 +455,21 @@ def build_checkpoint(state: TrainState, config: CfgNode, env: DistEnv, epoch: in
 
 
 def save_epoch(state: TrainState, config: CfgNode, env: DistEnv, epoch: int, best_acc1: float, is_best: bool,
-               classes: list[str], logger: logging.Logger) -> None:
-    """Rank 0 writes the epoch's checkpoints: ``ckpt_epoch_<n>.pth`` when due, ``best.pth``, then ``latest.pth``.
-
-    ``latest.pth`` goes last: a kill between the writes leaves an epoch file one epoch ahead of it, which
-    auto-resume finds by the epoch in its name.
-    """
+               classes: list[str], timeline: Timeline, logger: logging.Logger) -> None:
+    """Rank 0 writes the epoch's checkpoints: ``ckpt_epoch_<n>.pth`` when due, ``best.pth``, then ``latest.pth``,
+    each with its place in the timeline (``timeline.history`` already holds the epoch's row)."""
     if not env.is_main:
         return
     output_dir = Path(config.OUTPUT)
     checkpoint = build_checkpoint(state, config, env, epoch, best_acc1, classes)
     if (epoch + 1) % config.SAVE_FREQ == 0 or epoch + 1 == config.TRAIN.EPOCHS:
         path = output_dir / f"ckpt_epoch_{epoch}.pth"
-        save_checkpoint(checkpoint, path)
+        save_checkpoint(timeline.stamp(path, checkpoint), path)
         logger.info(f"saved {path}")
     if is_best:
-        save_checkpoint(checkpoint, output_dir / BEST_NAME)
-    save_checkpoint(checkpoint, output_dir / LATEST_NAME)
-    for path in prune_checkpoints(output_dir, config.TRAIN.KEEP_CHECKPOINTS):
+        save_checkpoint(timeline.stamp(output_dir / BEST_NAME, checkpoint), output_dir / BEST_NAME)
+    save_checkpoint(timeline.stamp(output_dir / LATEST_NAME, checkpoint), output_dir / LATEST_NAME)
+    for path in prune_checkpoints(timeline, config.TRAIN.KEEP_CHECKPOINTS):
         logger.info(f"removed {path.name} (TRAIN.KEEP_CHECKPOINTS {config.TRAIN.KEEP_CHECKPOINTS})")
 
 
@@ -303,7 +485,7 @@ def _load_buffers(module: nn.Module, buffers: Mapping[str, torch.Tensor]) -> Non
 
 
 def save_position(state: TrainState, config: CfgNode, env: DistEnv, epoch: int, step: int, best_acc1: float,
-                  classes: list[str], logger: logging.Logger) -> None:
+                  classes: list[str], timeline: Timeline, logger: logging.Logger) -> None:
     """Rank 0 writes ``latest.pth`` inside epoch ``epoch``, after its first ``step`` micro-steps (at an update's
     end), so that a resumed run continues with the next sample. Every rank calls it.
 
@@ -318,7 +500,8 @@ def save_position(state: TrainState, config: CfgNode, env: DistEnv, epoch: int, 
     checkpoint = build_checkpoint(state, config, env, epoch - 1, best_acc1, classes, step)
     if every_rank is not None:
         checkpoint["rank_buffers"] = every_rank
-    save_checkpoint(checkpoint, Path(config.OUTPUT) / LATEST_NAME)
+    path = Path(config.OUTPUT) / LATEST_NAME
+    save_checkpoint(timeline.stamp(path, checkpoint), path)
     logger.info(f"saved {LATEST_NAME} at epoch {epoch} step {step} (update {state.global_step})")
 
 

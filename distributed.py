@@ -4,13 +4,15 @@ NCCL carries the collectives between CUDA devices and gloo between CPU processes
 no-op (or the identity) for a single process, so callers need no rank checks.
 """
 
+import contextlib
 import logging
 import os
 import re
 import shutil
 import signal
 import subprocess
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
@@ -20,10 +22,15 @@ import torch.distributed as dist
 from utils import RunError
 
 DEVICES = ("auto", "cpu", "cuda")
-# The signals a cluster sends before it stops a job (SLURM: --signal=USR1@<seconds>, and TERM at preemption),
-# and the exit status of a run that stopped for one after saving where it was (sysexits' EX_TEMPFAIL).
+# The signals that ask a run to stop: those a cluster sends before it stops a job (SLURM: --signal=USR1@<seconds>,
+# and TERM at preemption), and Ctrl-C's. The exit status of a run that stopped for one after saving where it was
+# (sysexits' EX_TEMPFAIL); a run ended at once by one exits with 128 + the signal's number, as a shell reports it.
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (*PREEMPTION_SIGNALS, signal.SIGINT)
 EXIT_PREEMPTED = 75
+# A signal this soon after the first is the same request again: SLURM signals every process of a job step and
+# torchrun passes the signal on to its processes too, and a terminal's Ctrl-C reaches torchrun and its processes.
+REPEAT_WINDOW_S = 2.0
 
 # Port of the rendezvous of tasks that srun started directly, offset by the job id so that jobs sharing
 # a node do not collide; MASTER_PORT overrides it.
@@ -194,19 +201,66 @@ def any_rank(flag: bool, env: DistEnv) -> bool:
     return bool(all_reduce_sum(torch.tensor([float(flag)], device=env.device), env).item())
 
 
+class RunInterrupted(BaseException):
+    """A stop signal that cannot wait for the end of an update: a second one, or one outside the update loop.
+
+    A BaseException, like KeyboardInterrupt, so that the handlers of a reader or decoder (which catch Exception)
+    let it through to ``main``, which ends the run with one line and exit status 128 + the signal's number.
+    """
+
+    def __init__(self, signum: int, repeated: bool) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.repeated = repeated
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + self.signum
+
+    def __str__(self) -> str:
+        why = "a second stop signal" if self.repeated else "outside the update loop"
+        return (f"{signal.Signals(self.signum).name} ({why}): the run stopped at once without saving the unfinished "
+                f"epoch; the same command resumes from the last checkpoint (exit status {self.exit_status})")
+
+
 class PreemptionSignal:
-    """Within ``with``: SIGTERM and SIGUSR1 are recorded instead of ending the process, so the run can finish
-    its update and save where it is; a second signal while it saves changes nothing."""
+    """Within ``with``: SIGTERM, SIGUSR1 and SIGINT (Ctrl-C) ask the run to stop.
+
+    Inside :meth:`deferred` (the update loop and the epoch's saving) the first one is recorded in ``received``,
+    so the run can finish its update and save where it is. Anywhere else (listing a dataset, loading a zip cache,
+    validating, a hung read), or a second one, raises :class:`RunInterrupted` at once, which ends the run without
+    a partial file (writes go to a temporary file, removed as the exception passes). A copy of the first signal
+    within ``REPEAT_WINDOW_S`` is the same request and changes nothing.
+    """
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self._received_at = 0.0
+        self._deferring = False
+        self._ending = False
         self._previous: dict[int, Any] = {}
 
-    def _record(self, signum: int, frame: Any) -> None:
-        self.received = signum
+    def _handle(self, signum: int, frame: Any) -> None:
+        repeat = self.received is not None and time.monotonic() - self._received_at < REPEAT_WINDOW_S
+        if self._ending or repeat:
+            return
+        if self.received is None and self._deferring:
+            self.received, self._received_at = signum, time.monotonic()
+            return
+        self._ending = True  # signals that follow while the run unwinds change nothing
+        raise RunInterrupted(signum, repeated=self.received is not None)
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """A block in which the first stop signal waits to be acted on (see the class)."""
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
 
     def __enter__(self) -> "PreemptionSignal":
-        self._previous = {s: signal.signal(s, self._record) for s in PREEMPTION_SIGNALS}
+        self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -215,13 +269,15 @@ class PreemptionSignal:
 
 
 def ignore_preemption_signals(worker_id: int) -> None:
-    """A DataLoader ``worker_init_fn``: loader workers ignore SIGTERM and SIGUSR1, which the main process handles.
+    """A DataLoader ``worker_init_fn``: loader workers ignore SIGTERM, SIGUSR1 and SIGINT, which the main process
+    handles.
 
     A cluster signals every process of a job, loader workers included, and torch's workers die on a SIGTERM
     that their parent did not send: the main process would then fail at its next batch instead of finishing
-    its update and saving. The main process ends its workers itself when it stops.
+    its update and saving (and a terminal's Ctrl-C reaches them too). The main process ends its workers itself
+    when it stops.
     """
-    for s in PREEMPTION_SIGNALS:
+    for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
 
 

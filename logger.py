@@ -8,6 +8,7 @@ around explicitly, so two runs in one process (the tests) never share handlers.
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -114,6 +115,38 @@ class MetricsLog:
                 SummaryWriter = None
             if SummaryWriter is not None:
                 self.tensorboard = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+
+    def reconcile(self, rows: list[dict[str, Any]] | None, last_epoch: int) -> list[dict[str, Any]]:
+        """Make the file hold exactly one row per finished epoch, up to ``last_epoch`` (where the run resumes);
+        returns those rows.
+
+        ``rows`` are those the resumed checkpoint carries (it is written before the file's row, so a kill between
+        the two loses nothing). None (a checkpoint from before rows were saved): the file's own rows, the last of
+        each epoch. Rows past ``last_epoch`` (a rewound run, or an epoch whose checkpoint was never written) go.
+        """
+        if rows is None:
+            by_epoch = {row["epoch"]: row for row in self._read()}
+            rows = [by_epoch[epoch] for epoch in sorted(by_epoch)]
+        rows = [row for row in rows if row["epoch"] <= last_epoch]
+        if self.enabled and (rows or self.path.exists()):
+            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+            os.replace(tmp, self.path)
+        return rows
+
+    def _read(self) -> list[dict[str, Any]]:
+        """The file's rows; a line cut short by a kill is dropped."""
+        if not (self.enabled and self.path.exists()):
+            return []
+        rows = []
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("epoch"), int):
+                rows.append(row)
+        return rows
 
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:

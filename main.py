@@ -7,6 +7,7 @@ checkpoints, and the epoch loop of ``engine.py``.
 import functools
 import logging
 import math
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ from torch import nn
 from yacs.config import CfgNode
 
 from checkpoint import (
+    Resume,
     ResumePoint,
     check_class_names,
     choose_resume,
@@ -29,13 +31,16 @@ from checkpoint import (
     resumable_checkpoints,
     save_epoch,
     save_position,
+    start_timeline,
 )
 from config import dump_config, parse_option
 from data import Loaders, build_loader
 from distributed import (
     EXIT_PREEMPTED,
+    PREEMPTION_SIGNALS,
     DistEnv,
     PreemptionSignal,
+    RunInterrupted,
     any_rank,
     configure_backends,
     destroy_distributed,
@@ -62,6 +67,7 @@ from lr_scheduler import build_scheduler, effective_learning_rates
 from models import build_model
 from optimizer import build_optimizer
 from reports import PER_CLASS_MAX_CLASSES, ClassTally, sample_names, write_reports
+from run_lock import hold_folder
 from utils import RunError, make_folder, seed_everything, unwrap_model
 
 
@@ -177,13 +183,13 @@ def build_training(config: CfgNode, env: DistEnv, logger: logging.Logger) -> Tra
     return Training(loaders, settings, state, updates_per_epoch)
 
 
-def starting_point(config: CfgNode, env: DistEnv, training: Training, logger: logging.Logger) -> ResumePoint:
+def starting_point(config: CfgNode, env: DistEnv, training: Training, resume: Resume | None,
+                   logger: logging.Logger) -> ResumePoint:
     """Restore the run to continue, or load the pretrained weights to start from; returns where to start.
 
     Checkpoints are read by rank 0 and their contents broadcast, so every rank loads the same weights.
     """
     state = training.state
-    resume = choose_resume(config, env, logger)
     if resume is not None:
         logger.info(check_class_names(resume[1], training.loaders.dataset_train.classes, str(resume[0])))
         point = restore_training(state, resume[1], str(resume[0]), config, env, training.updates_per_epoch, logger)
@@ -202,11 +208,15 @@ def train(config: CfgNode, env: DistEnv, logger: logging.Logger, preemption: Pre
     """Train for the remaining epochs; returns 0, or EXIT_PREEMPTED after a stop request was saved."""
     training = build_training(config, env, logger)
     loaders, settings, state = training.loaders, training.settings, training.state
-    point = starting_point(config, env, training, logger)
+    resume = choose_resume(config, env, logger)
+    point = starting_point(config, env, training, resume, logger)
+    timeline = start_timeline(config, resume, env, logger)
     classes = loaders.dataset_train.classes
     best_acc1 = point.best_acc1
     unreadable = UnreadableImages(config.DATA.BAD_IMAGE)
     metrics_log = MetricsLog(Path(config.OUTPUT), enabled=env.is_main)
+    timeline.history = metrics_log.reconcile(resume.checkpoint.get("history") if resume is not None else [],
+                                             point.epoch - 1)
     if point.epoch < config.TRAIN.EPOCHS:
         logger.info(f"training epochs {point.epoch}..{config.TRAIN.EPOCHS - 1}, "
                     f"{training.updates_per_epoch} updates per epoch")
@@ -218,13 +228,14 @@ def train(config: CfgNode, env: DistEnv, logger: logging.Logger, preemption: Pre
             interruptions = Interruptions(
                 stop_requested=lambda: preemption.received is not None,
                 save=functools.partial(save_position, state, config, env, epoch, best_acc1=best_acc1, classes=classes,
-                                       logger=logger),
+                                       timeline=timeline, logger=logger),
                 save_every=config.TRAIN.SAVE_STEPS)
             loaders.loader_train.sampler.set_epoch(epoch, start=start_step * config.DATA.BATCH_SIZE)
-            train_stats = train_one_epoch(state, loaders.loader_train, epoch, settings, logger, loaders.mixup_fn,
-                                          unreadable, start_step, interruptions)
+            with preemption.deferred():
+                train_stats = train_one_epoch(state, loaders.loader_train, epoch, settings, logger, loaders.mixup_fn,
+                                              unreadable, start_step, interruptions)
             if train_stats.pop("stopped_at") is not None:
-                return stop_for_preemption(env, logger)
+                return stop_for_preemption(env, logger, preemption.received)
             average_bn_statistics(state, config.TRAIN.SYNC_BN, env)
             tally = (ClassTally(config.MODEL.NUM_CLASSES, env.device)
                      if config.MODEL.NUM_CLASSES < PER_CLASS_MAX_CLASSES else None)
@@ -240,10 +251,12 @@ def train(config: CfgNode, env: DistEnv, logger: logging.Logger, preemption: Pre
             is_best = val_stats["acc1"] > best_acc1
             best_acc1 = max(best_acc1, val_stats["acc1"])
             logger.info(f"epoch {epoch}: Acc@1 {val_stats['acc1']:.3f}, best {best_acc1:.3f}")
-            save_epoch(state, config, env, epoch, best_acc1, is_best, classes, logger)
-            metrics_log.write(row)
+            timeline.history.append(row)  # saved with the checkpoint first: a kill before the file's row loses none
+            with preemption.deferred():
+                save_epoch(state, config, env, epoch, best_acc1, is_best, classes, timeline, logger)
+                metrics_log.write(row)
             if any_rank(preemption.received is not None, env) and epoch + 1 < config.TRAIN.EPOCHS:
-                return stop_for_preemption(env, logger)
+                return stop_for_preemption(env, logger, preemption.received)
     finally:
         metrics_log.close()
     saved = [p.name for _, p in epoch_checkpoints(Path(config.OUTPUT))]
@@ -251,53 +264,79 @@ def train(config: CfgNode, env: DistEnv, logger: logging.Logger, preemption: Pre
     return 0
 
 
-def stop_for_preemption(env: DistEnv, logger: logging.Logger) -> int:
-    """After the stop request's checkpoint: requeue the SLURM job (rank 0) and exit with EXIT_PREEMPTED."""
-    logger.warning(f"stopped on a preemption signal; the same command resumes (exit status {EXIT_PREEMPTED})")
-    if env.is_main:
+def stop_for_preemption(env: DistEnv, logger: logging.Logger, signum: int | None) -> int:
+    """After the stop request's checkpoint: requeue the SLURM job (rank 0) after a cluster's signal (not after
+    Ctrl-C) and exit with EXIT_PREEMPTED. ``signum`` is this rank's signal (None: another rank's)."""
+    name = signal.Signals(signum).name if signum is not None else "another rank's stop signal"
+    logger.warning(f"stopped on {name} after saving where the run is; the same command resumes "
+                   f"(exit status {EXIT_PREEMPTED})")
+    if env.is_main and signum in PREEMPTION_SIGNALS:
         requeue_slurm_job(logger)
     return EXIT_PREEMPTED
 
 
-def run(config: CfgNode, env: DistEnv, logger: logging.Logger) -> int:
-    check_request(config, env)
+def prepare(config: CfgNode, env: DistEnv, logger: logging.Logger, config_dir: Path) -> None:
+    """Write the config to ``config_dir`` (rank 0) and set the process's threads, seeds and kernels."""
     if env.is_main:
-        dump_config(config, str(Path(config.OUTPUT) / "config.yaml"))
+        config_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(config, str(config_dir / "config.yaml"))
     logger.debug(f"full config:\n{config.dump()}")
-    logger.info(f"rank {env.rank} of {env.world_size} on {env.device}; config saved to {config.OUTPUT}/config.yaml")
+    logger.info(f"rank {env.rank} of {env.world_size} on {env.device}; config saved to {config_dir}/config.yaml")
     threads = set_cpu_threads(config.DATA.NUM_WORKERS, env)
     if threads is not None:
         logger.info(f"CPU compute threads: {threads} (set OMP_NUM_THREADS to choose)")
     seed_everything(config.SEED + env.rank)
     configure_backends(config.DETERMINISTIC, config.TRAIN.TF32)
+
+
+def own_folder(config: CfgNode) -> Path:
+    """Where a run writes its config and logs: the output folder when training; for evaluation and throughput its
+    ``eval/`` sub-folder, beside the evaluation's reports. An evaluation may share a training run's folder (even
+    while it trains) and leaves the run's files as they are: its ``config.yaml`` stays the one it trained with."""
+    return Path(config.OUTPUT) / "eval" if config.EVAL_MODE or config.THROUGHPUT_MODE else Path(config.OUTPUT)
+
+
+def run(config: CfgNode, env: DistEnv, logger: logging.Logger, preemption: PreemptionSignal) -> int:
+    """Evaluate (or measure throughput), or train holding the output folder's lock."""
+    check_request(config, env)
     if config.EVAL_MODE or config.THROUGHPUT_MODE:
+        prepare(config, env, logger, own_folder(config))
         return evaluate_only(config, env, logger)
-    with PreemptionSignal() as preemption:
+    with hold_folder(Path(config.OUTPUT), env, logger):
+        prepare(config, env, logger, own_folder(config))
         return train(config, env, logger, preemption)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse the command line and run; a user-facing error becomes one line on stderr and exit status 1, and an
-    unexpected one a traceback marked with the rank, on stderr and in the rank's log file."""
-    try:
-        _, config = parse_option(argv)
-        make_folder(config.OUTPUT, "--output")  # its log file comes first
-        env = init_distributed(config.DEVICE)
-    except RunError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    logger = create_logger(Path(config.OUTPUT), env.rank, config.MODEL.NAME)
-    try:
-        return run(config, env, logger)
-    except RunError as e:
-        logger.error(str(e))
-        return 1
-    except Exception as e:
-        logger.exception(f"unexpected {type(e).__name__}: {e}")
-        return 1
-    finally:
-        close_logger(logger)
-        destroy_distributed()
+    """Parse the command line and run; a user-facing error becomes one line on stderr and exit status 1, a stop
+    signal that cannot wait one line and 128 + its number, and an unexpected error a traceback marked with the
+    rank, on stderr and in the rank's log file. Stop signals are handled from the start (see PreemptionSignal)."""
+    with PreemptionSignal() as preemption:
+        try:
+            _, config = parse_option(argv)
+            make_folder(config.OUTPUT, "--output")  # its log file comes first
+            env = init_distributed(config.DEVICE)
+        except RunError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        except RunInterrupted as e:
+            print(f"error: {e}", file=sys.stderr)
+            return e.exit_status
+        logger = create_logger(own_folder(config), env.rank, config.MODEL.NAME)
+        try:
+            return run(config, env, logger, preemption)
+        except RunInterrupted as e:
+            logger.error(str(e))
+            return e.exit_status
+        except RunError as e:
+            logger.error(str(e))
+            return 1
+        except Exception as e:
+            logger.exception(f"unexpected {type(e).__name__}: {e}")
+            return 1
+        finally:
+            close_logger(logger)
+            destroy_distributed()
 
 
 if __name__ == "__main__":

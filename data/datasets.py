@@ -8,6 +8,7 @@ import codecs
 import io
 import os
 import pickle
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -54,12 +55,28 @@ class EncodedImage:
 
 
 def read_image(path: str) -> EncodedImage:
-    """The bytes of an image file; a file that cannot be read raises UnreadableImageError."""
+    """The bytes of an image file; a file that cannot be read, or that is not a regular file, raises
+    UnreadableImageError.
+
+    The file is opened without blocking and checked before it is read: opening a named pipe called ``x.jpg``
+    would otherwise wait for a writer for ever, and reading a device would never end.
+    """
     try:
-        with open(path, "rb") as file:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # no effect on reading a regular file
+        mode = os.fstat(descriptor).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(descriptor)
+            raise UnreadableImageError(f"{path}: not a regular file ({_file_kind(mode)})")
+        with open(descriptor, "rb") as file:
             return EncodedImage(path, bytearray(file.read()))
     except OSError as err:  # a missing file, a dangling link, a failing disk: the file's fault
         raise UnreadableImageError(f"{path}: {describe_error(err)}") from None
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    return next((name for test, name in kinds if test(mode)), "not a file")
 
 
 def open_image(image: EncodedImage) -> Image.Image:

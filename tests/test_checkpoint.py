@@ -1,5 +1,6 @@
 """Checkpoint files: atomic writes, weights-only loading, auto-resume choice, pruning, fitting weights."""
 
+import errno
 import io
 import logging
 import os
@@ -16,6 +17,7 @@ import checkpoint
 from checkpoint import (
     CheckpointError,
     check_class_names,
+    Timeline,
     class_names,
     find_resume_checkpoint,
     fit_state_dict,
@@ -58,10 +60,57 @@ def test_save_is_atomic_and_a_failed_write_keeps_the_old_file(tmp_path: Path, mo
         raise OSError("disk full")
 
     monkeypatch.setattr(checkpoint.torch, "save", crash_mid_write)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match="disk full"):
         save_checkpoint({"epoch": 2, "w": torch.zeros(3)}, path)
     assert load_checkpoint_file(path)["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["latest.pth"]  # no temporary file left behind
+
+
+class FullDisk(io.FileIO):
+    """A file on a disk with ``room`` bytes free: writes past it fail as the kernel fails them (ENOSPC)."""
+
+    room = 4096
+
+    def write(self, data) -> int:
+        if self.tell() + len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super().write(data)
+
+
+def test_a_full_disk_gives_one_line_naming_the_file_and_keeps_earlier_checkpoints(tmp_path: Path,
+                                                                                 monkeypatch) -> None:
+    """torch's writer turns the disk's error into "RuntimeError: [enforce fail at inline_container.cc] unexpected
+    pos"; the user must read which file and why, and find no temporary file."""
+    path = tmp_path / "latest.pth"
+    save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
+    monkeypatch.setattr(checkpoint, "open", lambda name, mode: FullDisk(name, mode.replace("b", "")), raising=False)
+    with pytest.raises(CheckpointError) as caught:
+        save_checkpoint({"epoch": 2, "w": torch.zeros(100_000)}, path)
+    message = str(caught.value)
+    assert message.startswith(f"cannot write checkpoint {path}: OSError: [Errno 28] No space left on device;")
+    assert "\n" not in message and "enforce fail" not in message
+    assert load_checkpoint_file(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["latest.pth"]
+
+
+def test_two_writers_of_one_checkpoint_never_share_a_temporary_file(tmp_path: Path, monkeypatch) -> None:
+    """A second writer saves the same file while the first is half-way through its write (two runs in one folder,
+    or two processes of one): both saves succeed and the file loads."""
+    path = tmp_path / "latest.pth"
+    real_save = torch.save
+    names = []
+
+    def save_while_another_writes(obj, f) -> None:
+        names.append(f.name)
+        real_save(obj, f)
+        if obj["writer"] == "first":
+            save_checkpoint({"writer": "second", "w": torch.zeros(1000)}, path)
+
+    monkeypatch.setattr(checkpoint.torch, "save", save_while_another_writes)
+    save_checkpoint({"writer": "first", "w": torch.ones(1000)}, path)
+    assert len(set(names)) == 2 and all(str(os.getpid()) in Path(name).name for name in names)
+    assert load_checkpoint_file(path)["writer"] == "first"  # the last rename wins, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["latest.pth"]
 
 
 @pytest.mark.parametrize("protocol", [None, 2, 5], ids=["torch.save", "raw-pickle-2", "raw-pickle-5"])
@@ -136,11 +185,13 @@ def test_auto_resume_takes_an_epoch_file_written_after_latest(tmp_path: Path) ->
 
 
 def test_prune_keeps_the_newest_epochs(tmp_path: Path) -> None:
+    timeline = Timeline("run", None, next_seq=1)
     for epoch in (0, 5, 10, 15):
-        save_checkpoint({"epoch": epoch}, tmp_path / f"ckpt_epoch_{epoch}.pth")
+        path = tmp_path / f"ckpt_epoch_{epoch}.pth"
+        save_checkpoint(timeline.stamp(path, {"epoch": epoch}), path)
     save_checkpoint({}, tmp_path / "best.pth")
-    assert prune_checkpoints(tmp_path, keep=0) == []
-    removed = prune_checkpoints(tmp_path, keep=2)
+    assert prune_checkpoints(timeline, keep=0) == []
+    removed = prune_checkpoints(timeline, keep=2)
     assert sorted(p.name for p in removed) == ["ckpt_epoch_0.pth", "ckpt_epoch_5.pth"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pth", "ckpt_epoch_10.pth", "ckpt_epoch_15.pth"]
 

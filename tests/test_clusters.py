@@ -165,7 +165,7 @@ WAITING_MAIN = textwrap.dedent("""
     import os, pathlib, sys, time
     from distributed import EXIT_PREEMPTED, PreemptionSignal
 
-    with PreemptionSignal() as preemption:
+    with PreemptionSignal() as preemption, preemption.deferred():
         pathlib.Path("ready").write_text(str(os.getpid()))
         deadline = time.time() + 60
         while preemption.received is None and time.time() < deadline:

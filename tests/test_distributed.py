@@ -134,4 +134,4 @@ def test_torchrun_two_cpu_processes_train_and_evaluate_like_one(tmp_path: Path) 
     assert sharded.returncode == 0 and single.returncode == 0, sharded.stderr + single.stderr
     assert summary(sharded.stdout) == summary(single.stdout)
     assert sharded.stdout.count(" * Acc@1") == 1
-    assert "over 15 images" in (out.parent / "eval2" / "log_rank1.txt").read_text()
+    assert "over 15 images" in (out.parent / "eval2" / "eval" / "log_rank1.txt").read_text()

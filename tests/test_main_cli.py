@@ -1,5 +1,6 @@
 """main.py end to end on generated images: train, evaluate, resume exactly, survive SIGKILL, refuse bad input."""
 
+import errno
 import functools
 import json
 import os
@@ -16,6 +17,7 @@ import torch
 import torch.distributed as dist
 from run_helpers import REPO, launch, load_weights, plain, release_config, run_dir, write_config, write_image_folder
 
+import checkpoint
 import engine
 import main
 from checkpoint import load_checkpoint_file, save_checkpoint
@@ -66,6 +68,21 @@ def test_eval_of_a_checkpoint_prints_the_release_summary(trained: Path, capsys) 
     assert main.main(["--cfg", str(config), "--eval", "--resume", str(trained / "latest.pth"), "--tag", "eval"]) == 0
     last = json.loads((trained / "metrics.jsonl").read_text().splitlines()[-1])
     assert f" * Acc@1 {last['acc1']:.3f} Acc@5 {last['acc5']:.3f}" in capsys.readouterr().out
+
+
+def test_eval_in_the_training_runs_folder_leaves_its_files_alone(trained: Path, capsys) -> None:
+    """The README's own command evaluates into the run's folder; its config and logs go beside its reports."""
+    def files() -> dict[str, bytes]:
+        return {str(p.relative_to(trained)): p.read_bytes() for p in trained.rglob("*")
+                if p.is_file() and "eval" not in p.relative_to(trained).parts}
+
+    before = files()
+    config = trained.parents[2] / "config.yaml"  # the command that trained it: same output folder
+    assert main.main(["--cfg", str(config), "--eval", "--resume", str(trained / "latest.pth"), "--opts",
+                      "DATA.BATCH_SIZE", "2"]) == 0
+    assert files() == before
+    assert load_config(str(trained / "eval" / "config.yaml")).DATA.BATCH_SIZE == 2
+    assert " * Acc@1" in (trained / "eval" / "log_rank0.txt").read_text()
 
 
 @pytest.mark.slow
@@ -164,6 +181,32 @@ def test_nan_loss_stops_with_the_step_and_keeps_earlier_checkpoints(images: Path
     out = run_dir(tmp_path / "out")
     assert load_checkpoint_file(out / "latest.pth")["epoch"] == 0
     assert sorted(p.name for p in out.glob("*.pth")) == ["best.pth", "ckpt_epoch_0.pth", "latest.pth"]
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_the_run_with_one_line_and_keeps_earlier_checkpoints(images: Path, tmp_path: Path,
+                                                                              monkeypatch, capsys) -> None:
+    """The disk fills during epoch 1's first checkpoint write (the file's writes fail with ENOSPC, as the kernel's
+    do); no real full disk is needed."""
+    real_open = open
+
+    def open_on_a_full_disk(name, mode="r", *args, **kwargs):
+        file = real_open(name, mode, *args, **kwargs)
+        if Path(name).name.startswith("ckpt_epoch_1.pth."):
+            def fail(data) -> int:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            file.write = fail
+        return file
+
+    monkeypatch.setattr(checkpoint, "open", open_on_a_full_disk, raising=False)
+    config = write_config(tmp_path / "config.yaml", images, tmp_path / "out")
+    assert main.main(["--cfg", str(config)]) == 1
+    out = run_dir(tmp_path / "out")
+    errors = [line for line in plain(capsys.readouterr().err).splitlines() if "ERROR" in line or "Traceback" in line]
+    assert len(errors) == 1, errors
+    assert f"ERROR cannot write checkpoint {out / 'ckpt_epoch_1.pth'}: OSError: [Errno 28] No space left" in errors[0]
+    assert load_checkpoint_file(out / "latest.pth")["epoch"] == 0
+    assert sorted(p.name for p in out.iterdir() if ".pth" in p.name) == ["best.pth", "ckpt_epoch_0.pth", "latest.pth"]
 
 
 def test_an_output_under_a_file_is_one_line(trained: Path, tmp_path: Path, capsys) -> None:
@@ -291,7 +334,8 @@ KILLED_RUN = textwrap.dedent("""
     else:  # half of epoch 1's first checkpoint reaches the disk, then the process dies
         real_save = torch.save
         def dying_save(obj, f):
-            if getattr(f, "name", "").endswith("ckpt_epoch_1.pth.tmp"):
+            name = os.path.basename(getattr(f, "name", ""))
+            if name.startswith("ckpt_epoch_1.pth.") and name.endswith(".tmp"):
                 buffer = io.BytesIO()
                 real_save(obj, buffer)
                 f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
@@ -347,7 +391,7 @@ def test_sigkill_during_a_checkpoint_write_then_auto_resume(images: Path, uninte
     out = run_dir(tmp_path / "out")
     killed = killed_run("save", config)
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
-    assert (out / "ckpt_epoch_1.pth.tmp").exists() and not (out / "ckpt_epoch_1.pth").exists()
+    assert list(out.glob("ckpt_epoch_1.pth.*.tmp")) and not (out / "ckpt_epoch_1.pth").exists()
     assert load_checkpoint_file(out / "latest.pth")["epoch"] == 0  # the previous checkpoint is intact
     result = launch(["--cfg", str(config)])
     assert result.returncode == 0, result.stdout + result.stderr
@@ -575,7 +619,8 @@ def test_a_nan_on_rank1_stops_both_ranks_with_the_error_on_stderr(images: Path, 
 
 
 # Runs main.py and sends itself SIGUSR1 during the first update of epoch 1 (update 3), and a SIGTERM while the
-# resulting checkpoint is being written.
+# resulting checkpoint is being written: within REPEAT_WINDOW_S, the same request again (as torchrun passes on the
+# signal SLURM sent to every process), which changes nothing.
 PREEMPTED_RUN = textwrap.dedent("""
     import io, os, runpy, signal, sys
     sys.path.insert(0, os.getcwd())

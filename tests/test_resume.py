@@ -17,6 +17,7 @@ from yacs.config import CfgNode
 
 from checkpoint import (
     CheckpointError,
+    Timeline,
     build_checkpoint,
     choose_resume,
     load_checkpoint_file,
@@ -277,7 +278,7 @@ def buffers_worker(rank: int, world_size: int, init_file: str, root: str) -> Non
             norm.running_mean.fill_(value)
             norm.running_var.fill_(value)
     save_position(state, config, env, epoch=1, step=2, best_acc1=0.0, classes=["a", "b", "c"],
-                  logger=logging.Logger(f"rank{rank}"))
+                  timeline=Timeline("run", None, next_seq=1), logger=logging.Logger(f"rank{rank}"))
     resumed = make_state(config)
     resumed.ema = ModelEmaV3(resumed.model)
     restore_training(resumed, read_checkpoint(os.path.join(root, "latest.pth"), env), "latest.pth", config, env,

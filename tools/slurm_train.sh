@@ -11,8 +11,10 @@
 # Preemption and time limits: --signal=USR1@180 asks SLURM to send SIGUSR1 three minutes before the end; every
 # rank then finishes its update, rank 0 writes output/.../latest.pth with the position inside the epoch, the
 # job is requeued (--requeue) and exits with status 75. The requeued job runs this same script, and main.py
-# resumes from latest.pth (TRAIN.AUTO_RESUME). TRAIN.SAVE_STEPS N also saves every N updates, so a hard kill
-# loses at most N updates.
+# resumes from the checkpoint it wrote last (TRAIN.AUTO_RESUME); when the options name --resume FILE, it
+# continues from the checkpoints it wrote after FILE, not from FILE again, and its log says so. The requeued
+# job takes over the output folder's lock that the earlier run of the same job left. TRAIN.SAVE_STEPS N also
+# saves every N updates, so a hard kill loses at most N updates.
 #
 #SBATCH --job-name=strip-mlp
 #SBATCH --nodes=2
