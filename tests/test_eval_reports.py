@@ -53,7 +53,7 @@ def test_eval_writes_per_class_predictions_and_confusion_reports(tiny_run: TinyR
     out = capsys.readouterr().out
     folder = next(tmp_path.rglob("eval"))
     assert {p.name for p in folder.iterdir()} == {"per_class.csv", "predictions.csv", "confusion_matrix.csv",
-                                                  "confusion_matrix.png"}
+                                                  "confusion_matrix.png", "config.yaml", "log_rank0.txt"}
     per_class = read_csv(folder / "per_class.csv")
     assert per_class[0] == ["class", "images", "top-1", "top-5"]
     assert [row[:2] for row in per_class[1:]] == [["class_0", "5"], ["class_1", "5"], ["class_2", "5"]]
