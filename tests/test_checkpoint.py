@@ -16,8 +16,8 @@ from conftest import golden_architecture
 import checkpoint
 from checkpoint import (
     CheckpointError,
-    check_class_names,
     Timeline,
+    check_class_names,
     class_names,
     find_resume_checkpoint,
     fit_state_dict,
