@@ -110,7 +110,7 @@ class Outcome:
 def metrics_rows(run: str) -> list[dict]:
     path = DEMO_RUNS / run / "metrics.jsonl"
     if not path.is_file():
-        raise PartFailed(f"{path.relative_to(ROOT)} was not written")
+        raise PartFailed(f"{path} was not written")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -171,7 +171,7 @@ def summarize_benchmark(name: str) -> Callable[[str], str]:
     def summarize(output: str) -> str:
         path = bench_json(name)
         if not path.is_file():
-            raise PartFailed(f"{path.relative_to(ROOT)} was not written")
+            raise PartFailed(f"{path} was not written")
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         return "; ".join(f"{row['implementation']}: " + ", ".join(
             f"{key.split('_img_s')[0]} {row[key]:.0f} img/s" for key in row if key.endswith("_img_s_median"))
