@@ -447,6 +447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     shutil.rmtree(WORK, ignore_errors=True)
+    WORK.mkdir(parents=True)  # the benchmark parts write their rows here, whatever ran before them
     start = time.perf_counter()
     outcomes = run_parts(parts, args.budget, torch.cuda.device_count(), WORK / "logs")
     report = render_report(environment_table(), outcomes, args.budget, time.perf_counter() - start,
