@@ -250,3 +250,13 @@ def test_prepare_downloads_the_locked_versions_for_the_gpu_machines_python(tmp_p
     lock.write_text("# pins\nyacs==0.1.8\n")
     with pytest.raises(SystemExit, match="^error: lock.txt pins no version of termcolor$"):
         gpu_check.locked_versions(["yacs", "termcolor"], lock)
+
+
+def test_packages_outside_requirements_txt_are_named(tmp_path: Path) -> None:
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text(f"# ranges\ntorch>=2.11\ntimm>=99.0  # newer than any\nnot-installed-here>=1.0\n"
+                            f"pillow<{gpu_check.installed_version('pillow')}\n")
+    assert gpu_check.outside_requirements(requirements) == [
+        f"timm {gpu_check.installed_version('timm')} (wants >=99.0)",
+        f"pillow {gpu_check.installed_version('pillow')} (wants <{gpu_check.installed_version('pillow')})"]
+    assert gpu_check.outside_requirements() == []  # this environment satisfies the real file

@@ -362,7 +362,24 @@ def environment_table() -> dict[str, str]:
         "torch": f"{torch.__version__} (CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()})",
         "Python": sys.version.split()[0],
         "packages": versions,
+        "outside requirements.txt": ", ".join(outside_requirements()) or "none",
     }
+
+
+def outside_requirements(requirements: Path = ROOT / "requirements.txt") -> list[str]:
+    """Installed packages outside requirements.txt's ranges (a GPU image's own torch or timm may be older)."""
+    from packaging.requirements import Requirement
+
+    found = []
+    for line in requirements.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if not line:
+            continue
+        requirement = Requirement(line)
+        version = installed_version(requirement.name)
+        if version != "missing" and not requirement.specifier.contains(version, prereleases=True):
+            found.append(f"{requirement.name} {version} (wants {requirement.specifier})")
+    return found
 
 
 def installed_version(name: str) -> str:
