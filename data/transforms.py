@@ -20,6 +20,7 @@ from torchvision import transforms
 from torchvision.io import ImageReadMode, decode_jpeg
 from yacs.config import CfgNode
 
+from compat import timm_eval_resize
 from utils import image_size
 
 from .datasets import EncodedImage, decode_rgb, open_image
@@ -165,8 +166,7 @@ def build_transform(is_train: bool, config: CfgNode) -> Callable[[EncodedImage |
         # timm's evaluation resize and centre crop, keeping ImageNet's 224-of-256 ratio at any input size: the
         # shorter side to 256/224 of its target for square inputs; for others, the image scaled to cover
         # (H, W) x 256/224 with its aspect kept.
-        resize = create_transform(input_size=size, is_training=False, use_prefetcher=True, crop_pct=EVAL_CROP_PCT,
-                                  interpolation=interpolation).transforms[:-1]  # less timm's MaybePILToTensor
+        resize = timm_eval_resize(size, EVAL_CROP_PCT, interpolation)
     else:
         resize = [transforms.Resize(size, interpolation=str_to_interp_mode(interpolation))]
     return transforms.Compose([decode_rgb, *resize, to_uint8_tensor])

@@ -13,6 +13,31 @@ from run_helpers import run_dir, write_config, write_image_folder
 
 from models import StripMLPNet
 
+CUDA_SKIP_REASON = "needs a CUDA device"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``cuda`` skip, all with one reason, where torch sees no CUDA device (CI never has one)."""
+    if torch.cuda.is_available():
+        return
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(pytest.mark.skip(reason=CUDA_SKIP_REASON))
+
+
+@pytest.fixture
+def ieee_float32():
+    """float32 matmuls and convolutions in full precision (no TensorFloat-32, which cuDNN uses for convolutions by
+    default and main.py turns on) for the test, so that CUDA results can be held to float32 tolerances."""
+    backends = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
+    saved = [backend.fp32_precision for backend in backends]
+    for backend in backends:
+        backend.fp32_precision = "ieee"
+    yield
+    for backend, precision in zip(backends, saved, strict=True):
+        backend.fp32_precision = precision
+
+
 # Copies of shared/spec's golden file (release weights, input, logits, pooled features) and the release's
 # state-dict names, kept with the tests so that they run, and never skip, wherever the repository is.
 GOLDEN_FILE = Path(__file__).resolve().parent / "data" / "golden_strip_mlp_e40.pt"

@@ -121,3 +121,17 @@ def test_a_failed_memory_measurement_is_an_error_not_a_wait_for_ever(monkeypatch
     setting = benchmark.Setting("strip_mlp_tiny", 224, 8, "bf16", False, False, "cuda:0")
     with pytest.raises(SystemExit, match=r"^error: measuring the peak memory of HEAD failed .*exit status 1"):
         benchmark.measure_peak_memory("HEAD", setting, train=True)
+
+
+def test_a_baseline_folder_stands_in_for_the_git_history(tmp_path: Path) -> None:
+    """A GPU machine gets the working tree without .git: the revision's models/ package, exported here, is used."""
+    folder = benchmark.export_models("55ee36f", tmp_path / "55ee36f")
+    assert benchmark.is_model_folder(str(folder)) and not benchmark.is_model_folder(str(tmp_path))
+    setting = benchmark.Setting("strip_mlp_tiny_light", 64, 2, "fp32", False, False, "cpu")
+    current, baseline = benchmark.implementations(setting, str(folder), eager_baseline=False)
+    assert (current.label, baseline.label, baseline.revision) == ("current", "55ee36f", str(folder))
+    module = benchmark.load_implementation(str(folder))
+    assert Path(module.__file__).parent == folder / "models"  # the copy, not the current package
+    sizes = [sum(p.numel() for p in benchmark.build(m, setting).parameters())
+             for m in (module, benchmark.load_implementation(None))]
+    assert sizes[0] == sizes[1]

@@ -273,7 +273,7 @@ def test_throughput_measures_images_per_second() -> None:
     assert not model.training
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 @pytest.mark.parametrize("compile_model", [False, True], ids=["eager", "compiled"])
 def test_cuda_float16_with_scaler_channels_last(compile_model: bool) -> None:
     device = torch.device("cuda")

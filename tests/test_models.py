@@ -204,8 +204,8 @@ def test_blocks_compile_without_graph_breaks() -> None:
     assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_matches_cpu(golden: dict, golden_model: StripMLPNet) -> None:
+@pytest.mark.cuda
+def test_cuda_matches_cpu(golden: dict, golden_model: StripMLPNet, ieee_float32) -> None:
     model = copy.deepcopy(golden_model).cuda()
     with torch.no_grad():
         logits = model(golden["input"].cuda()).cpu()

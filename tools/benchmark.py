@@ -1,8 +1,9 @@
 """Speed and memory of the Strip-MLP variants: parameters, MACs, eval and train-step images/s, peak memory.
 
 Each timing is the median of several timed runs after warm-up, reported with min and max. With
-`--baseline REV` the model file as it was at git revision REV is timed side by side with the
-current one in the same process, alternating run by run, so both see the same machine state;
+`--baseline REV` the model file as it was at git revision REV (or in a folder holding that revision's
+`models/` package, see `export_models`) is timed side by side with the current one in the same process,
+alternating run by run, so both see the same machine state;
 speed-ups are claimed from such paired runs only. `--compile --eager-baseline` pairs the compiled
 current model with the eager one the same way.
 
@@ -59,9 +60,31 @@ class Setting:
     device: str
 
 
+def export_models(revision: str, folder: Path) -> Path:
+    """Extract the `models/` package of git revision ``revision`` into ``folder`` (``folder/models/...``) and return
+    ``folder``: a copy of the baseline that `--baseline FOLDER` reads where the history is not at hand (a machine
+    that receives only the working tree)."""
+    git = ["git", "-C", str(ROOT)]
+    try:
+        subprocess.run([*git, "cat-file", "-e", f"{revision}:{MODEL_FILE}"], check=True, capture_output=True)
+        archive = subprocess.run([*git, "archive", revision, MODEL_PACKAGE], check=True, capture_output=True).stdout
+    except (OSError, subprocess.CalledProcessError) as error:
+        reason = error.stderr.decode().strip() if isinstance(error, subprocess.CalledProcessError) else error
+        raise SystemExit(f"error: cannot read {MODEL_FILE} at revision {revision!r}: {reason}") from None
+    folder.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(folder, filter="data")
+    return folder
+
+
+def is_model_folder(baseline: str) -> bool:
+    """Whether ``baseline`` names a folder holding a `models/` package (else it is a git revision)."""
+    return (Path(baseline) / MODEL_FILE).is_file()
+
+
 @functools.cache
 def load_implementation(revision: str | None) -> ModuleType:
-    """The current model module, or the model package as it was at a git revision.
+    """The current model module, or the model package as it was at a git revision (or in a folder of one).
 
     The revision's `models/` folder is extracted to a temporary folder and imported as a package
     of its own, so that the model file's relative imports (e.g. `models/layers.py`) come from the
@@ -71,17 +94,11 @@ def load_implementation(revision: str | None) -> ModuleType:
     if revision is None:
         from models import strip_mlp
         return strip_mlp
-    git = ["git", "-C", str(ROOT)]
-    try:
-        subprocess.run([*git, "cat-file", "-e", f"{revision}:{MODEL_FILE}"], check=True, capture_output=True)
-        archive = subprocess.run([*git, "archive", revision, MODEL_PACKAGE], check=True, capture_output=True).stdout
-    except subprocess.CalledProcessError as error:
-        raise SystemExit(
-            f"error: cannot read {MODEL_FILE} at revision {revision!r}: {error.stderr.decode().strip()}") from None
-    folder = Path(tempfile.mkdtemp(prefix="strip_mlp_baseline_"))
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(folder, filter="data")
+    if is_model_folder(revision):
+        folder = Path(revision).resolve()
+    else:
+        folder = export_models(revision, Path(tempfile.mkdtemp(prefix="strip_mlp_baseline_")))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
     name = "models_at_" + re.sub(r"\W", "_", revision)
     package = ModuleType(name)
     package.__path__ = [str(folder / MODEL_PACKAGE)]  # a namespace: the revision's __init__ is not run
@@ -170,7 +187,8 @@ def implementations(setting: Setting, baseline: str | None, eager_baseline: bool
     """The current model first, then what it is compared with."""
     chosen = [Implementation("current", None, setting)]
     if baseline is not None:
-        chosen.append(Implementation(baseline, baseline, setting))
+        label = Path(baseline).name if is_model_folder(baseline) else baseline
+        chosen.append(Implementation(label, baseline, setting))
     if eager_baseline:
         chosen.append(Implementation("current eager", None, replace(setting, compile=False)))
     return chosen
@@ -235,7 +253,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mode", choices=("eval", "train", "both"), default="both")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs per implementation and mode")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per implementation and mode")
-    parser.add_argument("--baseline", metavar="REV", help="also time the model file at this git revision, paired")
+    parser.add_argument("--baseline", metavar="REV",
+                        help="also time the model file at this git revision (or in this folder: export_models), paired")
     parser.add_argument("--eager-baseline", action="store_true",
                         help="with --compile: also time the current model without torch.compile, paired")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")

@@ -1,0 +1,22 @@
+"""Where the supported versions of torch, torchvision and timm differ (requirements.txt gives the range): one
+function per difference, so that the rest of the code is written for one behaviour.
+"""
+
+from timm.data import create_transform
+from timm.data.transforms import ResizeKeepRatio, str_to_interp_mode
+from torch import nn
+
+
+def timm_eval_resize(size: tuple[int, int], crop_pct: float, interpolation: str) -> list[nn.Module]:
+    """timm's evaluation resize and centre crop for an (H, W) input, without its final tensor conversion.
+
+    timm before 1.0.31 builds the resize of a non-square input (ResizeKeepRatio) without the interpolation it is
+    given, so it resized bilinearly where 1.0.31 and later use, for example, bicubic; the interpolation is set here
+    on every version.
+    """
+    steps = create_transform(input_size=size, is_training=False, use_prefetcher=True, crop_pct=crop_pct,
+                             interpolation=interpolation).transforms[:-1]  # less timm's MaybePILToTensor
+    for step in steps:
+        if isinstance(step, ResizeKeepRatio):
+            step.interpolation = str_to_interp_mode(interpolation)
+    return steps
