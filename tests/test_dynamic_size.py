@@ -1,6 +1,9 @@
 """Any input size at run time: `dynamic_img_size`, `dynamic_img_pad` and `set_input_size`, against models built for
 each size from resampled weights."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -153,3 +156,16 @@ def test_a_traced_dynamic_model_takes_other_sizes(dynamic: StripMLPNet) -> None:
     images = torch.randn(1, 3, 96, 128)
     with torch.no_grad():
         assert torch.equal(next(iter(graph(images).values())), dynamic(images))
+
+
+def test_the_cost_tool_times_a_dynamic_model_against_a_built_one(capsys: pytest.CaptureFixture) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))  # a folder of scripts, not a package
+    from dynamic_size_cost import main
+
+    rows = main(["--built", "64", "--size", "96", "--batch-size", "1", "--repeats", "1",
+                 "--model-kwargs", "{'embed_dim': 16, 'layers': (1, 1, 1, 1), 'num_classes': 5}"])
+    assert [name for name, *_ in rows] == ["evaluation, first call at the new size", "evaluation, later calls (cached)",
+                                           "training step (resampled at every step)"]
+    assert all(built > 0 and dynamic > 0 for _, built, dynamic in rows)
+    header = "| strip_mlp_tiny, batch 1, 96 px | built for 96 | dynamic, built for 64 | ratio |"
+    assert header in capsys.readouterr().out

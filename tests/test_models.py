@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from yacs.config import CfgNode
 
 import models
+from models import layers
 from models.layers import GRN, WideDepthwiseConv2d
 from models.strip_mlp import ChannelMixing, StripMLPNet, checkpoint_filter_fn
 
@@ -291,3 +292,28 @@ def test_head_dropout_acts_in_training_only_and_adds_no_weights() -> None:
         assert torch.equal(dropped.eval()(images), plain.eval()(images))
         dropped.train()
         assert not torch.equal(dropped.forward_head(torch.ones(4, 64, 1, 1), pre_logits=True), torch.ones(4, 64))
+
+
+def autograd_ops(output: torch.Tensor) -> set[str]:
+    """The names of the backward nodes that produced ``output``."""
+    names, pending = set(), [output.grad_fn]
+    while pending:
+        node = pending.pop()
+        if node is not None and type(node).__name__ not in names:
+            names.add(type(node).__name__)
+            pending.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize(("device", "fast"), [("cpu", True), ("meta", False)])
+def test_the_cpu_fast_paths_run_on_the_cpu_only(device: str, fast: bool) -> None:
+    """They were measured on the CPU only, so any other device (here the meta device) takes the plain computation:
+    autograd through conv2d, F.linear and the GRN formula."""
+    x = torch.randn(2, 4, 8, 8, device=device, requires_grad=True)
+    tokens = torch.randn(2, 8, 8, 12, device=device, requires_grad=True)  # (N, H, W, C)
+    weight = torch.randn(4, 1, 7, 7, device=device, requires_grad=True)
+    gamma, beta = torch.randn(12, device=device), torch.randn(12, device=device)
+    assert ("_WideDepthwiseConvBackward" in autograd_ops(layers.depthwise_same_conv(x, weight, (3, 3)))) == fast
+    linear = layers.pointwise_linear(tokens, torch.randn(6, 12, device=device), torch.randn(6, device=device))
+    assert ("ConvolutionBackward0" in autograd_ops(linear)) == fast
+    assert ("_GRNBackward" in autograd_ops(layers.grn(tokens, gamma, beta))) == fast
