@@ -158,6 +158,7 @@ def test_a_traced_dynamic_model_takes_other_sizes(dynamic: StripMLPNet) -> None:
         assert torch.equal(next(iter(graph(images).values())), dynamic(images))
 
 
+@pytest.mark.slow  # trains each model a few steps
 def test_the_cost_tool_times_a_dynamic_model_against_a_built_one(capsys: pytest.CaptureFixture) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))  # a folder of scripts, not a package
     from dynamic_size_cost import main

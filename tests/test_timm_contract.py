@@ -111,6 +111,7 @@ def test_torchscript_gives_the_eager_outputs() -> None:
     assert model.blocks1[0].channel_mixing.grn.gamma.grad is not None
 
 
+@pytest.mark.slow  # compiles twice
 def test_compile_finds_no_graph_break_in_evaluation_or_training() -> None:
     images = torch.randn(2, 3, 64, 64)
     for model in (tiny_model().eval(), tiny_model().train()):
