@@ -152,7 +152,7 @@ class ChannelMixing(nn.Module):
     """Depthwise 7x7 convolution, LayerNorm, then an alpha-times-wide MLP with GRN.
 
     As in the specification, LayerNorm and the MLP see the activations as (N, H, W, D), here a view
-    of their channels-last memory; fc1 and fc2 compute their `nn.Linear` as 1x1 convolutions.
+    of their channels-last memory; fc1 and fc2 are `PointwiseLinear` layers (1x1 convolutions on the CPU).
     """
 
     def __init__(self, channels: int, alpha: int) -> None:
