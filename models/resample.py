@@ -13,6 +13,7 @@ follow the outputs (U b, or U+ b). Position tables are interpolated linearly ove
 offsets: offset o' maps to o' W / W' when o' >= 0 (along a row) and to o' H / H' when negative.
 """
 
+import functools
 import re
 from collections.abc import Mapping
 
@@ -29,9 +30,11 @@ def interpolation_matrix(source: int, target: int) -> torch.Tensor:
     return F.interpolate(identity, size=target, mode="linear", align_corners=False)[0].T
 
 
+@functools.lru_cache(maxsize=64)
 def strip_maps(source: int, target: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) with A (target, source) and B (source, target) such that a mixing matrix M over ``source`` tokens
-    becomes A M B over ``target`` tokens (see the module docstring)."""
+    becomes A M B over ``target`` tokens (see the module docstring). Cached: a model of dynamic input size asks for
+    the same few pairs at every batch; callers must not modify them."""
     if target >= source:
         grow = interpolation_matrix(source, target)
         return grow, torch.linalg.pinv(grow)
@@ -41,8 +44,8 @@ def strip_maps(source: int, target: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def resample_projection(tensor: torch.Tensor, source: int, target: int) -> torch.Tensor:
     """A strip projection's weight (G * L, L, 1, taps) or bias (G * L,) for L = ``source`` tokens, resampled to
-    ``target`` tokens: (G * L', L', 1, taps) or (G * L',)."""
-    outputs, inputs = strip_maps(source, target)
+    ``target`` tokens: (G * L', L', 1, taps) or (G * L',). Differentiable, on the tensor's device."""
+    outputs, inputs = (m.to(tensor.device) for m in strip_maps(source, target))
     groups = tensor.shape[0] // source
     if tensor.ndim == 1:
         resampled = tensor.double().reshape(groups, source) @ outputs.T  # (G, L')
@@ -55,9 +58,9 @@ def resample_projection(tensor: torch.Tensor, source: int, target: int) -> torch
 
 def resample_position_table(table: torch.Tensor, source: tuple[int, int], target: tuple[int, int]) -> torch.Tensor:
     """A relative-position table (H + W + 1, C) over the offsets -H..W of an H x W grid (``source``), interpolated
-    linearly to the offsets -H'..W' of ``target`` over the same range of relative positions."""
+    linearly to the offsets -H'..W' of ``target`` over the same range of relative positions. Differentiable."""
     (height, width), (new_height, new_width) = source, target
-    offsets = torch.arange(-new_height, new_width + 1, dtype=torch.float64)
+    offsets = torch.arange(-new_height, new_width + 1, dtype=torch.float64, device=table.device)
     scaled = torch.where(offsets >= 0, offsets * width / new_width, offsets * height / new_height)
     position = scaled + height  # fractional row of the source table
     lower = position.floor().clamp(0, table.shape[0] - 2).long()
@@ -78,7 +81,7 @@ def resample_to_model(state_dict: Mapping[str, torch.Tensor], expected: Mapping[
     notes = []
     for name, tensor in state_dict.items():
         match = _STRIP.match(name)
-        if not match or name not in expected or tensor.shape == expected[name].shape:
+        if not match or name not in expected:
             continue
         block = match.group(1)
         grids = [block + "proj_w.weight", block + "proj_h.weight"]  # their inputs are H and W tokens
@@ -86,6 +89,9 @@ def resample_to_model(state_dict: Mapping[str, torch.Tensor], expected: Mapping[
             continue
         old_grid = tuple(state_dict[key].shape[1] for key in grids)
         new_grid = tuple(expected[key].shape[1] for key in grids)
+        # A table's length H + W + 1 can stay the same on another grid (16 x 16 and 24 x 8), so grids decide.
+        if tensor.shape == expected[name].shape and (match.group(2).startswith("proj") or old_grid == new_grid):
+            continue
         if state_dict[grids[1]].shape[0] // old_grid[1] != expected[grids[1]].shape[0] // new_grid[1]:
             continue  # another channel width: not a matter of size, so the caller reports it
         if match.group(2) == "proj_h":  # mixes the W tokens of a row

@@ -15,18 +15,22 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp, register_notrace_function
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from timm.models._input import update_model_input_size
 from torch import nn
 
-from .layers import GRN, PointwiseLinear, WideDepthwiseConv2d, channels_last_nchw, checkpointed
+from .layers import GRN, PointwiseLinear, RelativePosition, StripProjection, WideDepthwiseConv2d, checkpointed
 from .resample import resample_to_model
 
 _logger = logging.getLogger(__name__)  # for weights loaded through timm, which passes no logger
 
 DROP_PATH_SCHEDULES = ("uniform", "linear")
+GLOBAL_POOLS = ("avg", "")  # the mean over H and W, or none (the head then takes the (N, C, H, W) maps)
+STRIDE = 32  # the stem's 4 and three 2x downsamplings: an input side must be a multiple of it
 
 # The layers that feed each stage (numbered 1-4 as the release's blocks1..blocks4): its merging convolution and the
 # skip convolutions whose outputs are added to its input.
@@ -62,26 +66,6 @@ class DepthwiseConv(nn.Module):
         return self.conv_merge(x)
 
 
-class RelativePosition(nn.Module):
-    """Learned relative-position term pos[c, i, j] = table[(j - i) + H, c] for an H x W grid.
-
-    Column minus row runs from -(H - 1) to W - 1, so the table has H + W + 1 rows for the offsets -H..W;
-    on a square L x L grid that is the release's 2L + 1 rows with the same indexing. The index is a
-    non-persistent buffer: it is built once on the model's device, follows `.to()`, and stays out of the
-    state dict, whose keys remain the release's.
-    """
-
-    def __init__(self, channels: int, height: int, width: int) -> None:
-        super().__init__()
-        self.embeddings_table = nn.Parameter(torch.empty(height + width + 1, channels))
-        trunc_normal_(self.embeddings_table, std=0.02)
-        rows, cols = torch.arange(height), torch.arange(width)
-        self.register_buffer("index", cols[None, :] - rows[:, None] + height, persistent=False)
-
-    def forward(self) -> torch.Tensor:
-        return self.embeddings_table[self.index]  # (H, W, C): row i, column j, channel c
-
-
 class StripMixingBlock(nn.Module):
     """The strip mixing block (`smlp_block`): a 1x1 conv MLP, then half of the channels through
     the CGSMM branch and half through the LSMM branch, fused by a 1x1 convolution.
@@ -100,12 +84,12 @@ class StripMixingBlock(nn.Module):
 
         # CGSMM: grouped convolutions mixing whole rows (proj_h, W tokens) and columns (proj_w, H tokens).
         self.relate_pos_h = RelativePosition(half, height, width)
-        self.proj_h = nn.Conv2d(g * width, g * width, (1, 3), padding=(0, 1), groups=g)
+        self.proj_h = StripProjection(g, width, along="rows")
         self.fuse_h = nn.Conv2d(channels, half, 1, bias=False)
         self.BN = nn.BatchNorm2d(half)
         self.act = nn.GELU()
         self.relate_pos_w = RelativePosition(half, height, width)
-        self.proj_w = nn.Conv2d(g * height, g * height, (1, 3), padding=(0, 1), groups=g)
+        self.proj_w = StripProjection(g, height, along="columns")
         self.fuse_w = nn.Conv2d(channels, half, 1, bias=False)
 
         # LSMM: local strips of 7x3 and 3x7, reweighted per channel by a squeeze-excite style MLP.
@@ -122,34 +106,18 @@ class StripMixingBlock(nn.Module):
 
     def cgsmm(self, x: torch.Tensor) -> torch.Tensor:
         """Channel-wise group strip mixing: every token mixes with its whole row, then its whole
-        column, with the neighbouring rows (columns) contributing through 3-tap kernels.
+        column, with the neighbouring rows (columns) contributing through 3-tap kernels."""
+        rows = self.proj_h(x, self.relate_pos_h(x))  # row mixing of x + pos_h
+        cols = self.act(self.BN(self.fuse_h(torch.cat([rows, x], dim=1))))  # fuse with x
+        cols = self.proj_w(cols, self.relate_pos_w(x))  # column mixing of that + pos_w
+        return self.fuse_w(torch.cat([x, cols], dim=1))  # fuse with x
 
-        Channel c = p * G + g; the strip projections are grouped convolutions over G groups whose
-        input channels are the W (H) tokens of a row (column), so the tokens are moved into the
-        channel dimension and back. The projections convolve channels-last layouts, the fastest in
-        oneDNN and cuDNN, and the copies read the activations through their (N, H, W, C) view so that
-        the gradients come back channels-last too.
-        """
-        n, c, h, w = x.shape
-        g = self.chunk_channels
-        p = c // g
-        # Position terms and mixing weights are cast to the activations' dtype so that
-        # under autocast the wide element-wise products stay in the low precision.
-        pos_h = self.relate_pos_h().to(x.dtype).reshape(h, w, p, g).permute(2, 0, 3, 1).contiguous()  # (P, H, G, W)
-        rows = x.permute(0, 2, 3, 1).reshape(n, h, w, p, g).permute(0, 3, 1, 4, 2)  # (N, P, H, G, W)
-        # Copy first, then add in place: an addition that reads the permuted view directly is slower.
-        rows = rows.clone(memory_format=torch.contiguous_format).add_(pos_h)
-        rows = self.proj_h(rows.reshape(n, p, h, g * w).permute(0, 3, 1, 2))  # (N, G*W, P, H)
-        rows = rows.permute(0, 2, 3, 1).reshape(n, p, h, g, w).permute(0, 2, 4, 1, 3)  # (N, H, W, P, G)
-        rows = channels_last_nchw(rows)  # (N, C, H, W)
-
-        cols = self.act(self.BN(self.fuse_h(torch.cat([rows, x], dim=1))))
-        pos_w = self.relate_pos_w().to(x.dtype).reshape(h, w, p, g).permute(2, 1, 3, 0).contiguous()  # (P, W, G, H)
-        cols = cols.permute(0, 2, 3, 1).reshape(n, h, w, p, g).permute(0, 3, 2, 4, 1)  # (N, P, W, G, H)
-        cols = cols.clone(memory_format=torch.contiguous_format).add_(pos_w)
-        cols = self.proj_w(cols.reshape(n, p, w, g * h).permute(0, 3, 1, 2))  # (N, G*H, P, W)
-        cols = cols.permute(0, 2, 3, 1).reshape(n, p, w, g, h).permute(0, 4, 2, 1, 3)  # (N, H, W, P, G)
-        return self.fuse_w(torch.cat([x, channels_last_nchw(cols)], dim=1))
+    def set_resolution(self, height: int, width: int) -> None:
+        """Resample the strip projections and position tables in place for an H x W map."""
+        self.proj_h.set_length(width)
+        self.proj_w.set_length(height)
+        self.relate_pos_h.set_grid(height, width)
+        self.relate_pos_w.set_grid(height, width)
 
     def lsmm(self, x: torch.Tensor) -> torch.Tensor:
         """Local strip mixing: a 7x3 and a 3x7 depthwise strip, and the identity, blended with
@@ -184,7 +152,7 @@ class ChannelMixing(nn.Module):
     """Depthwise 7x7 convolution, LayerNorm, then an alpha-times-wide MLP with GRN.
 
     As in the specification, LayerNorm and the MLP see the activations as (N, H, W, D), here a view
-    of their channels-last memory; fc1 and fc2 compute their `nn.Linear` as 1x1 convolutions.
+    of their channels-last memory; fc1 and fc2 are `PointwiseLinear` layers (1x1 convolutions on the CPU).
     """
 
     def __init__(self, channels: int, alpha: int) -> None:
@@ -201,9 +169,26 @@ class ChannelMixing(nn.Module):
         x = self.layer_norm(x.permute(0, 2, 3, 1))  # (N, H, W, D)
         x = self.fc1(x)  # (N, H, W, K)
         x = self.act(x)  # on a contiguous tensor, so that PyTorch runs oneDNN's GELU on the CPU
-        x = self.grn.scaled(x)  # GRN without its shift beta, which fc2 adds through its bias
-        x = self.fc2(x, input_shift=self.grn.beta)  # (N, H, W, D)
+        x = self.grn(x)
+        x = self.fc2(x)  # (N, H, W, D)
         return x.permute(0, 3, 1, 2)  # (N, D, H, W)
+
+
+class Stage(nn.Sequential):
+    """The blocks of one stage, run in order (the release's `blocksN.i`); with `grad_checkpointing`, each is
+    recomputed in the backward pass to save activation memory."""
+
+    def __init__(self, blocks: Sequence[nn.Module]) -> None:
+        super().__init__(*blocks)
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self:
+            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+                x = checkpointed(block, x)
+            else:
+                x = block(x)
+        return x
 
 
 class BasicBlock(nn.Module):
@@ -225,6 +210,16 @@ def image_size(img_size: int | Sequence[int]) -> tuple[int, int]:
     return (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
 
 
+def check_img_size(img_size: int | Sequence[int], name: str = "img_size") -> None:
+    """Refuse an input size that is not one side, or H and W, each a positive multiple of 32."""
+    sides = image_size(img_size)
+    if len(sides) != 2 or not all(isinstance(side, int) and side > 0 and side % STRIDE == 0 for side in sides):
+        fixed = [max(STRIDE, side // STRIDE * STRIDE) if isinstance(side, int) else 224 for side in sides[:2]]
+        shown, fix = (img_size, fixed[0]) if isinstance(img_size, int) else (list(img_size), fixed)
+        raise ValueError(f"{name} {shown} must be a positive multiple of 32, or [H, W] of two (the stem's "
+                         f"4 x 2^3 stage downsamplings); use e.g. {fix}")
+
+
 def check_architecture(names: Mapping[str, str] | None = None, **arguments: int | Sequence[int]) -> None:
     """Refuse arguments the network cannot be built with: the four stages, the stem's patch of 4, an input
     size (one side, or H and W) divisible by the total stride 32, and stage widths that the strip mixing can split.
@@ -243,17 +238,46 @@ def check_architecture(names: Mapping[str, str] | None = None, **arguments: int 
         raise ValueError(f"{names['layers']} must give 4 stage depths of at least one block, got {list(layers)}")
     if patch_size != 4:
         raise ValueError(f"{names['patch_size']} {patch_size} is not supported; the network downsamples by 4 x 8 = 32")
-    sides = image_size(img_size)
-    if len(sides) != 2 or not all(isinstance(side, int) and side > 0 and side % 32 == 0 for side in sides):
-        fixed = [max(32, side // 32 * 32) if isinstance(side, int) else 224 for side in sides[:2]]
-        shown, fix = (img_size, fixed[0]) if isinstance(img_size, int) else (list(img_size), fixed)
-        raise ValueError(f"{names['img_size']} {shown} must be a positive multiple of 32, or [H, W] of two (the stem's "
-                         f"4 x 2^3 stage downsamplings); use e.g. {fix}")
+    check_img_size(img_size, names["img_size"])
     for channels in (embed_dim, 2 * embed_dim, 4 * embed_dim, 8 * embed_dim):
         if channels % (2 * strip_chunks(channels)) != 0:
             raise ValueError(
                 f"{names['embed_dim']} {embed_dim} cannot be split by the strip mixing: stage width {channels} must "
                 f"be divisible by {2 * strip_chunks(channels)}; use a multiple of 8 such as {embed_dim // 8 * 8 or 8}")
+
+
+def check_head(num_classes: int, global_pool: str) -> None:
+    """Refuse a pooling the head cannot follow: 'avg', or '' (none) for a model without a classifier."""
+    if global_pool not in GLOBAL_POOLS:
+        raise ValueError(f"global_pool {global_pool!r} is not supported; use 'avg' (the mean over H and W) or '' "
+                         f"(none, with num_classes=0)")
+    if global_pool == "" and num_classes > 0:
+        raise ValueError(f"global_pool '' (no pooling) returns feature maps, which a classifier of {num_classes} "
+                         f"classes cannot take; use num_classes=0 with it, or global_pool='avg'")
+
+
+def _refuse_input_size(size: tuple[int, int], img_size: tuple[int, int], dynamic: bool) -> None:
+    if dynamic and (size[0] % STRIDE or size[1] % STRIDE):
+        raise ValueError(f"input of size {size} is not a multiple of 32 in each side (the network's total stride); "
+                         f"pad it, or build the model with dynamic_img_pad=True")
+    if not dynamic and size != img_size:
+        built = "x".join(map(str, img_size))
+        raise ValueError(
+            f"input of size {size} but the model was built for {built}; resize the input, build the model with "
+            f"img_size={size} or dynamic_img_size=True, or load its weights into such a model (resampled)")
+
+
+@register_notrace_function  # torch.fx keeps it whole: its checks are Python control flow on the input's size
+def fit_input_size(x: torch.Tensor, img_size: tuple[int, int], dynamic: bool, pad: bool, stride: int = STRIDE
+                   ) -> torch.Tensor:
+    """x, padded at the bottom and right to the next multiple of 32 when ``pad``; an input size the model cannot
+    take is refused in one line (in eager mode and torch.fx graphs; TorchScript leaves it to the layers)."""
+    if pad:
+        height, width = x.shape[-2], x.shape[-1]
+        x = F.pad(x, (0, (stride - width % stride) % stride, 0, (stride - height % stride) % stride))
+    if not torch.jit.is_scripting():
+        _refuse_input_size((x.shape[-2], x.shape[-1]), img_size, dynamic)
+    return x
 
 
 class StripMLPNet(nn.Module):
@@ -264,15 +288,21 @@ class StripMLPNet(nn.Module):
             strip projections and position tables are sized for each stage's resolution.
         patch_size: Stem convolution kernel and stride.
         in_chans: Input image channels.
-        num_classes: Classifier outputs.
+        num_classes: Classifier outputs (0: none).
         embed_dim: Channels E of stage 1; stages have E, 2E, 4E, 8E.
         layers: Blocks per stage.
         alpha: Expansion ratio of the ChannelMixing MLP (the release's checkpoints need 3).
+        global_pool: 'avg', the mean over H and W before the head, or '' for none (with ``num_classes=0``: the
+            model returns its final (N, 8E, H/32, W/32) maps).
         drop_rate: Dropout on the pooled features before the head (timm's convention; the release has none).
         drop_path_rate: Stochastic-depth rate.
         drop_path_schedule: "uniform" gives every block `drop_path_rate` (the release's behaviour);
             "linear" rises from 0 to `drop_path_rate` over depth (timm and Swin).
         use_checkpoint: Recompute each block in the backward pass to save activation memory.
+        dynamic_img_size: Take any input whose sides are multiples of 32: the strip projections and position tables
+            are resampled for it at run time (as `resample.py` resamples weights), differentiably, and cached per
+            size without gradients. At ``img_size`` the model computes exactly what a fixed one does.
+        dynamic_img_pad: Pad inputs at the bottom and right to the next multiple of 32 first.
     """
 
     def __init__(
@@ -284,21 +314,28 @@ class StripMLPNet(nn.Module):
             embed_dim: int = 80,
             layers: tuple[int, ...] = (2, 2, 12, 2),
             alpha: int = 3,
+            global_pool: str = "avg",
             drop_rate: float = 0.0,
             drop_path_rate: float = 0.1,
             drop_path_schedule: str = "uniform",
             use_checkpoint: bool = False,
+            dynamic_img_size: bool = False,
+            dynamic_img_pad: bool = False,
     ) -> None:
         super().__init__()
         check_architecture(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, layers=layers)
+        check_head(num_classes, global_pool)
         if drop_path_schedule not in DROP_PATH_SCHEDULES:
             raise ValueError(
                 f"unknown drop path schedule {drop_path_schedule!r}; valid: {', '.join(DROP_PATH_SCHEDULES)}")
 
         self.img_size = image_size(img_size)  # (H, W)
+        self.in_chans = in_chans
         self.num_classes = num_classes
-        self.num_features = 8 * embed_dim
-        self.grad_checkpointing = use_checkpoint
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = 8 * embed_dim
+        self.dynamic_img_size = dynamic_img_size
+        self.dynamic_img_pad = dynamic_img_pad
         self.num_stages = len(layers)  # fewer after prune_intermediate_layers
         self.feature_info = [
             {"num_chs": embed_dim * 2 ** i, "reduction": patch_size * 2 ** i, "module": f"blocks{i + 1}"}
@@ -314,9 +351,9 @@ class StripMLPNet(nn.Module):
         stages = []
         for i, depth in enumerate(layers):
             start = sum(layers[:i])
-            stages.append(nn.ModuleList(
+            stages.append(Stage([
                 BasicBlock(embed_dim * 2 ** i, (height // 2 ** i, width // 2 ** i), alpha, rates[start + j])
-                for j in range(depth)))
+                for j in range(depth)]))
         self.blocks1 = stages[0]
         self.merging1 = nn.Conv2d(embed_dim, embed_dim * 2, 2, 2, bias=False)
         self.conv_s1_28 = nn.Conv2d(embed_dim * 2, embed_dim * 4, 2, 2, groups=embed_dim * 2, bias=False)
@@ -330,6 +367,7 @@ class StripMLPNet(nn.Module):
         self.norm = nn.BatchNorm2d(self.num_features)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.set_grad_checkpointing(use_checkpoint)
 
     @torch.jit.ignore
     def no_weight_decay_keywords(self) -> set[str]:
@@ -348,52 +386,65 @@ class StripMLPNet(nn.Module):
         }
 
     @torch.jit.ignore
+    def stages(self) -> list[Stage]:
+        """The stages still present (all four unless pruned)."""
+        return [stage for stage in (self.blocks1, self.blocks2, self.blocks3, self.blocks4) if isinstance(stage, Stage)]
+
+    @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
+        for stage in self.stages():
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def set_input_size(self, img_size: int | tuple[int, int]) -> None:
+        """Resample the model in place for inputs of ``img_size`` (one side or (H, W), multiples of 32): the
+        strip projections and position tables become what `checkpoint_filter_fn` would load into a model built at
+        that size. They are new parameters, so build the optimiser afterwards. `img_size`, timm's record of the
+        input size and `pretrained_cfg` follow."""
+        check_img_size(img_size)
+        self.img_size = image_size(img_size)
+        height, width = (side // 4 for side in self.img_size)
+        for i, stage in enumerate(self.stages()):
+            for block in stage:
+                block.token_mixing.smlp_block.set_resolution(height // 2 ** i, width // 2 ** i)
+        update_model_input_size(self, self.img_size)
+        if isinstance(getattr(self, "pretrained_cfg", None), dict):
+            self.pretrained_cfg.update(input_cfg(self.img_size, self.in_chans, self.dynamic_img_size))
 
     def get_classifier(self) -> nn.Module:
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """A fresh head for ``num_classes`` (0: none, the model returns pooled features); pooling is always the mean."""
-        if global_pool not in (None, "avg"):
-            raise ValueError(f"global_pool {global_pool!r} is not supported; Strip-MLP pools by the mean ('avg')")
+        """A fresh head for ``num_classes`` (0: none, the model returns pooled features, or the final maps when
+        ``global_pool`` is '')."""
+        global_pool = self.global_pool if global_pool is None else global_pool
+        check_head(num_classes, global_pool)
         self.num_classes = num_classes
+        self.global_pool = global_pool
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def _run_stage(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
-        for block in blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpointed(block, x)
-            else:
-                x = block(x)
-        return x
 
     def _stage_outputs(self, x: torch.Tensor, last: int) -> list[torch.Tensor]:
         """The outputs of stages 0..last (blocks1..blocks4, before the final norm), each (N, E * 2^i, H / 2^(i+2),
         W / 2^(i+2)) in channels-last memory; the skips from stages 1 and 2 enter stages 3 and 4."""
-        if x.shape[-2:] != self.img_size:
-            built = "x".join(map(str, self.img_size))
-            raise ValueError(
-                f"input of size {tuple(x.shape[-2:])} but the model was built for {built}; resize the input, build "
-                f"the model with img_size={tuple(x.shape[-2:])}, or load its weights into such a model (resampled)")
+        x = fit_input_size(x, self.img_size, self.dynamic_img_size, self.dynamic_img_pad)
         # Every block computes in channels-last memory; see ChannelMixing.
         x = self.patch_embed(x).contiguous(memory_format=torch.channels_last)
-        outputs = [self._run_stage(self.blocks1, x)]
+        outputs = [self.blocks1(x)]
         if last == 0:
             return outputs
         x = self.merging1(outputs[0])
         skip_s1a = self.conv_s1_28(x)
-        outputs.append(self._run_stage(self.blocks2, x))
+        outputs.append(self.blocks2(x))
         if last == 1:
             return outputs
         x = self.merging2(outputs[1])
         skip_s2 = self.conv_s2_14(x)
-        outputs.append(self._run_stage(self.blocks3, x + skip_s1a))
+        outputs.append(self.blocks3(x + skip_s1a))
         if last == 2:
             return outputs
         skip_s1b = self.conv_s1_14(skip_s1a)
-        outputs.append(self._run_stage(self.blocks4, self.merging3(outputs[2]) + skip_s1b + skip_s2))
+        outputs.append(self.blocks4(self.merging3(outputs[2]) + skip_s1b + skip_s2))
         return outputs
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -412,7 +463,7 @@ class StripMLPNet(nn.Module):
         """Stage outputs for dense prediction, as timm defines it for its convolutional models.
 
         Args:
-            x: Input images (N, C, H, W) of the size the model was built for.
+            x: Input images (N, C, H, W) of the size the model was built for (any size it takes when dynamic).
             indices: The last n stages if an int, all if None, else the stage indices (0..3, negative from the end).
             norm: Apply the final BatchNorm to the last stage's output when it is taken.
             stop_early: Run no stage after the last one taken.
@@ -449,13 +500,15 @@ class StripMLPNet(nn.Module):
         if prune_norm or prune_end:
             self.norm = nn.Identity()  # the norm is sized for (and only applied to) the last stage
         if prune_end:
-            self.num_features = self.feature_info[max_index]["num_chs"]
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
         if prune_head or prune_end:
             self.reset_classifier(0)
         return take_indices
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head_drop(x.mean(dim=(2, 3)))  # (N, 8E)
+        if self.global_pool == "avg":
+            x = x.mean(dim=(2, 3))  # (N, 8E)
+        x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -507,7 +560,18 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: StripMLP
     return cleaned
 
 
+def input_cfg(img_size: tuple[int, int], in_chans: int, dynamic: bool) -> dict:
+    """The entries of `pretrained_cfg` that describe the inputs a model takes: timm's data configuration reads its
+    input size from them, and its tests whether the model takes one size only."""
+    return {"input_size": (in_chans, *img_size), "pool_size": (img_size[0] // STRIDE, img_size[1] // STRIDE),
+            "fixed_input_size": not dynamic}
+
+
 def _create_strip_mlp(variant: str, pretrained: bool = False, **kwargs) -> StripMLPNet:
+    # The configuration describes the model as built: its input size, and whether it takes only that one.
+    described = input_cfg(image_size(kwargs.get("img_size", 224)), kwargs.get("in_chans", 3),
+                          kwargs.get("dynamic_img_size", False))
+    kwargs["pretrained_cfg_overlay"] = {**described, **(kwargs.get("pretrained_cfg_overlay") or {})}
     return build_model_with_cfg(StripMLPNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
                                 feature_cfg={"feature_cls": "getter", "out_indices": (0, 1, 2, 3)}, **kwargs)
 
@@ -516,7 +580,7 @@ def _cfg(**kwargs) -> dict:
     return {
         "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.875,
         "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed", "classifier": "head", "license": "mit",
+        "first_conv": "patch_embed", "classifier": "head", "license": "mit", "fixed_input_size": True,
         "paper_ids": "arXiv:2307.11458", "paper_name": "Strip-MLP: Efficient Token Interaction for Vision MLP",
         **kwargs,
     }
