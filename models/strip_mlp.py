@@ -20,8 +20,9 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, register_notrace_function
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
-from timm.models._input import update_model_input_size
 from torch import nn
+
+from compat import record_input_size
 
 from .layers import GRN, PointwiseLinear, RelativePosition, StripProjection, WideDepthwiseConv2d, checkpointed
 from .resample import resample_to_model
@@ -408,7 +409,7 @@ class StripMLPNet(nn.Module):
         for i, stage in enumerate(self.stages()):
             for block in stage:
                 block.token_mixing.smlp_block.set_resolution(height // 2 ** i, width // 2 ** i)
-        update_model_input_size(self, self.img_size)
+        record_input_size(self, self.img_size)
         if isinstance(getattr(self, "pretrained_cfg", None), dict):
             self.pretrained_cfg.update(input_cfg(self.img_size, self.in_chans, self.dynamic_img_size))
 

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_model
 from test_timm_contract import traced
-from timm.models._input import get_model_input_config
 
+from compat import model_input_config
 from models import StripMLPNet, checkpoint_filter_fn
 from models.resample import resample_to_model
 
@@ -137,7 +137,7 @@ def test_set_input_size_updates_what_timm_reads() -> None:
     model = timm.create_model("strip_mlp_tiny_light", embed_dim=16, layers=(1, 1, 1, 1), num_classes=5, img_size=64)
     model.set_input_size(96)
     assert model.pretrained_cfg["input_size"] == (3, 96, 96) and model.pretrained_cfg["pool_size"] == (3, 3)
-    assert get_model_input_config(model)["input_size"] == (3, 96, 96)
+    assert model_input_config(model)["input_size"] == (3, 96, 96)
     assert timm.data.resolve_data_config(model=model)["input_size"] == (3, 96, 96)
     assert all(p.requires_grad for p in model.parameters())
 

@@ -6,10 +6,10 @@ import timm
 import torch
 from conftest import tiny_model
 from timm.layers import get_notrace_functions, get_notrace_modules, set_scriptable
-from timm.models._input import get_model_input_config
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 import models  # noqa: F401  (registers the variants)
+from compat import model_input_config
 from models.layers import RelativePosition, StripProjection
 
 pytestmark = pytest.mark.filterwarnings("ignore:NOTE. The nodes obtained by tracing")
@@ -30,10 +30,10 @@ def test_configuration_describes_the_model_as_built() -> None:
     """A model built for one size says so (timm then feeds it that size); a dynamic one says it takes others."""
     fixed = timm.create_model("strip_mlp_tiny_light", img_size=(64, 96), num_classes=3)
     assert fixed.pretrained_cfg["input_size"] == (3, 64, 96) and fixed.pretrained_cfg["pool_size"] == (2, 3)
-    assert fixed.pretrained_cfg["fixed_input_size"] and get_model_input_config(fixed)["fixed_input_size"]
+    assert fixed.pretrained_cfg["fixed_input_size"] and model_input_config(fixed)["fixed_input_size"]
     assert timm.data.resolve_data_config(model=fixed)["input_size"] == (3, 64, 96)
     dynamic = timm.create_model("strip_mlp_tiny_light", img_size=64, num_classes=3, dynamic_img_size=True)
-    assert not dynamic.pretrained_cfg["fixed_input_size"] and not get_model_input_config(dynamic)["fixed_input_size"]
+    assert not dynamic.pretrained_cfg["fixed_input_size"] and not model_input_config(dynamic)["fixed_input_size"]
     assert timm.create_model("strip_mlp_tiny").pretrained_cfg["input_size"] == (3, 224, 224)
 
 
