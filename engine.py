@@ -9,12 +9,9 @@ import contextlib
 import datetime
 import logging
 import math
-import resource
-import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +26,7 @@ from distributed import DistEnv, all_reduce_sum
 from finetune import frozen_norms, set_frozen_norms_eval
 from logger import ProgressLine
 from lr_scheduler import scheduled_lr
+from measure import images_per_second, peak_memory_mb, time_paired
 from reports import ClassTally
 from utils import RunError, position_seed, seed_everything, unwrap_model
 
@@ -170,28 +168,6 @@ def compile_model(model: nn.Module, inference_only: bool) -> nn.Module:
     graphs get static shapes: with a dynamic batch size, inductor's fused oneDNN convolutions can fail
     their stride checks. The options apply to this model's compilation only."""
     return torch.compile(model, dynamic=False if inference_only else None, options={"freezing": inference_only})
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued device work so that wall-clock timings are real."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this process: allocated device memory on CUDA, the peak resident set on the CPU.
-
-    On Linux the CPU figure is VmHWM, which, unlike getrusage's maxrss, does not start from the parent's
-    size in a process that a launcher forked and executed.
-    """
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB -> MB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _to_device(images: torch.Tensor, targets: torch.Tensor, settings: StepSettings
@@ -487,30 +463,6 @@ def validate(model: nn.Module, loader: Iterable[Sample], settings: StepSettings,
     left_out = f" ({unreadable_count} unreadable images left out)" if unreadable_count else ""
     logger.info(f"validation loss {metrics['loss']:.4f} over {metrics['images']} images{left_out}")
     return metrics
-
-
-def time_paired(steps: list[Callable[[], None]], device: torch.device, warmup: int, repeats: int
-                ) -> list[list[float]]:
-    """Seconds per run of each step, alternating between the steps run by run after ``warmup`` untimed runs,
-    so that several implementations see the same machine state. Each run is synchronised."""
-    for step in steps:
-        for _ in range(warmup):
-            step()
-    synchronize(device)
-    seconds: list[list[float]] = [[] for _ in steps]
-    for _ in range(repeats):
-        for index, step in enumerate(steps):
-            start = time.perf_counter()
-            step()
-            synchronize(device)
-            seconds[index].append(time.perf_counter() - start)
-    return seconds
-
-
-def images_per_second(batch_size: int, seconds: list[float]) -> dict[str, float]:
-    """Median, min and max images/s over timed runs of one batch each."""
-    rates = [batch_size / s for s in seconds]
-    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates)}
 
 
 def throughput(model: nn.Module, images: torch.Tensor, settings: StepSettings, logger: logging.Logger,
