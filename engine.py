@@ -68,8 +68,9 @@ class StepSettings:
 
 
 @dataclass
-class TrainState:
-    """What an optimiser update changes; everything here is saved in a checkpoint.
+class OptimizationState:
+    """The state of the optimisation: the model, its loss, and what each optimiser update moves on (optimiser,
+    schedule, gradient scaler, EMA, update count). A checkpoint saves all of it but the loss.
 
     ``model`` is what the forward pass calls (possibly wrapped by DDP and torch.compile); the weights live
     in ``unwrap_model(model)``.
@@ -94,7 +95,7 @@ def build_criterion(config: CfgNode, mixup_active: bool) -> nn.Module:
     return nn.CrossEntropyLoss()
 
 
-def average_bn_statistics(state: TrainState, sync_bn: bool, env: DistEnv) -> None:
+def average_bn_statistics(state: OptimizationState, sync_bn: bool, env: DistEnv) -> None:
     """Average BatchNorm running statistics across ranks (each rank saw only its own shard), unless SyncBN
     already keeps them identical. Frozen BatchNorms (TRAIN.FREEZE) are left alone: they hold the same statistics
     on every rank, which an average over 3 or 6 ranks could still change in the last bit."""
@@ -179,7 +180,7 @@ def _to_device(images: torch.Tensor, targets: torch.Tensor, settings: StepSettin
     return images, targets.to(device, non_blocking=True)
 
 
-def _optimizer_update(state: TrainState, settings: StepSettings, where: str) -> float | None:
+def _optimizer_update(state: OptimizationState, settings: StepSettings, where: str) -> float | None:
     """Clip the accumulated gradient once and step; returns the gradient norm before clipping, or None when the
     float16 gradient scaler found it non-finite and skipped the step (as it is meant to, then lowering its scale).
 
@@ -296,7 +297,7 @@ class _EpochTally:
 
 
 def train_one_epoch(
-        state: TrainState,
+        state: OptimizationState,
         loader: Iterable,
         epoch: int,
         settings: StepSettings,

@@ -16,8 +16,8 @@ from distributed import DistEnv
 from engine import (
     Interruptions,
     NonFiniteLossError,
+    OptimizationState,
     StepSettings,
-    TrainState,
     UnreadableImages,
     throughput,
     train_one_epoch,
@@ -42,9 +42,9 @@ def linear_model() -> nn.Module:
 
 
 def make_state(model: nn.Module, optimizer_cls=torch.optim.AdamW, fp16: bool = False, ema: bool = False
-               ) -> TrainState:
+               ) -> OptimizationState:
     optimizer = optimizer_cls(model.parameters(), lr=0.05)
-    return TrainState(
+    return OptimizationState(
         model=model,
         optimizer=optimizer,
         scheduler=CosineLRScheduler(optimizer, t_initial=100, t_in_epochs=False),
