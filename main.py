@@ -18,6 +18,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from yacs.config import CfgNode
 
+from agreement import Interruptions
 from checkpoint import (
     Resume,
     ResumePoint,
@@ -34,7 +35,7 @@ from checkpoint import (
     start_timeline,
 )
 from config import dump_config, parse_option
-from data import Loaders, build_loader
+from data import Loaders, UnreadableImages, build_loader
 from distributed import (
     EXIT_PREEMPTED,
     PREEMPTION_SIGNALS,
@@ -50,10 +51,8 @@ from distributed import (
     set_cpu_threads,
 )
 from engine import (
-    Interruptions,
     OptimizationState,
     StepSettings,
-    UnreadableImages,
     average_bn_statistics,
     build_criterion,
     compile_model,

@@ -14,10 +14,11 @@ from run_helpers import launch, run_dir, sample_batch, write_config, write_image
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
+from agreement import NonFiniteLossError
 from checkpoint import load_checkpoint_file
 from data import Sample
 from distributed import DistEnv
-from engine import NonFiniteLossError, OptimizationState, StepSettings, train_one_epoch, validate
+from engine import OptimizationState, StepSettings, train_one_epoch, validate
 
 LOGGER = logging.Logger("distributed-test")
 
