@@ -32,7 +32,7 @@ from yacs.config import CfgNode
 
 from config import config_from_text, load_config
 from distributed import DistEnv, gather_to_rank0, on_rank0
-from engine import TrainState
+from engine import OptimizationState
 from models import build_model, checkpoint_filter_fn, clean_state_dict
 from optimizer import is_decayed
 from utils import RunError, rng_state, set_rng_state, unwrap_model
@@ -425,7 +425,7 @@ def prune_checkpoints(timeline: Timeline, keep: int) -> list[Path]:
 # Saving a run
 
 
-def build_checkpoint(state: TrainState, config: CfgNode, env: DistEnv, epoch: int, best_acc1: float,
+def build_checkpoint(state: OptimizationState, config: CfgNode, env: DistEnv, epoch: int, best_acc1: float,
                      classes: list[str], step: int = 0) -> dict[str, Any]:
     """Everything needed to continue exactly, as tensors and plain containers (weights_only-loadable), and the
     dataset's class names, which the tools show.
@@ -454,7 +454,7 @@ def build_checkpoint(state: TrainState, config: CfgNode, env: DistEnv, epoch: in
     }
 
 
-def save_epoch(state: TrainState, config: CfgNode, env: DistEnv, epoch: int, best_acc1: float, is_best: bool,
+def save_epoch(state: OptimizationState, config: CfgNode, env: DistEnv, epoch: int, best_acc1: float, is_best: bool,
                classes: list[str], timeline: Timeline, logger: logging.Logger) -> None:
     """Rank 0 writes the epoch's checkpoints: ``ckpt_epoch_<n>.pth`` when due, ``best.pth``, then ``latest.pth``,
     each with its place in the timeline (``timeline.history`` already holds the epoch's row)."""
@@ -484,7 +484,7 @@ def _load_buffers(module: nn.Module, buffers: Mapping[str, torch.Tensor]) -> Non
         module.get_buffer(name).copy_(value)
 
 
-def save_position(state: TrainState, config: CfgNode, env: DistEnv, epoch: int, step: int, best_acc1: float,
+def save_position(state: OptimizationState, config: CfgNode, env: DistEnv, epoch: int, step: int, best_acc1: float,
                   classes: list[str], timeline: Timeline, logger: logging.Logger) -> None:
     """Rank 0 writes ``latest.pth`` inside epoch ``epoch``, after its first ``step`` micro-steps (at an update's
     end), so that a resumed run continues with the next sample. Every rank calls it.
@@ -604,8 +604,8 @@ class ResumePoint(NamedTuple):
     best_acc1: float
 
 
-def restore_training(state: TrainState, checkpoint: Mapping[str, Any], source: str, config: CfgNode, env: DistEnv,
-                     updates_per_epoch: int, logger: logging.Logger) -> ResumePoint:
+def restore_training(state: OptimizationState, checkpoint: Mapping[str, Any], source: str, config: CfgNode,
+                     env: DistEnv, updates_per_epoch: int, logger: logging.Logger) -> ResumePoint:
     """Load a saved run into ``state``; returns where it continues.
 
     The config is the truth for the schedule: the optimiser keeps this run's hyperparameters and the

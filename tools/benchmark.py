@@ -40,7 +40,8 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine import compile_model, images_per_second, peak_memory_mb, time_paired  # noqa: E402  (the repository is on the path only now)
+from engine import compile_model  # noqa: E402  (the repository is on the path only now)
+from measure import images_per_second, peak_memory_mb, time_paired  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODEL_PACKAGE = "models"
