@@ -9,6 +9,8 @@ file intact. Only rank 0 reads checkpoint files; every other rank receives rank 
 resume the same epoch with the same weights whatever their view of the file system.
 """
 
+from __future__ import annotations
+
 import itertools
 import logging
 import os
@@ -22,7 +24,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import yaml
@@ -32,10 +34,12 @@ from yacs.config import CfgNode
 
 from config import config_from_text, load_config
 from distributed import DistEnv, gather_to_rank0, on_rank0
-from engine import TrainState
 from models import build_model, checkpoint_filter_fn, clean_state_dict
 from optimizer import is_decayed
 from utils import RunError, rng_state, set_rng_state, unwrap_model
+
+if TYPE_CHECKING:
+    from engine import TrainState
 
 CHECKPOINT_PATTERN = re.compile(r"ckpt_epoch_(\d+)\.pth")
 LATEST_NAME = "latest.pth"

@@ -18,17 +18,26 @@ import yaml
 from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
 from yacs.config import CfgNode as CN
 
-from data import BAD_IMAGE_POLICIES, CACHE_MODES, DATASETS, INTERPOLATIONS, MIXUP_MODES, RANDOM_ERASING_MODES
-from distributed import DEVICES
-from engine import AMP_DTYPES
-from finetune import FREEZE_MODES
-from lr_scheduler import LR_SCALINGS, SCHEDULERS
-from models import ARCHITECTURE_KEYS, DROP_PATH_SCHEDULES, MODEL_TYPES, check_architecture
-from optimizer import OPTIMIZERS
 from utils import RunError
 
-# Values a key may take, as the module that uses the key defines them; checked whenever a file, --opts or a
-# flag sets the key.
+# The values each key with a fixed set of them may take. They are declared here, beside the defaults, and the
+# modules that use a key import its list from here; a value outside it is refused whenever a file, --opts or a flag
+# sets the key, so nothing downstream checks it again.
+DATASETS = ("imagenet", "caltech101", "folder", "demo", "cifar10", "cifar100")  # data/datasets.py: folders, CIFAR
+BAD_IMAGE_POLICIES = ("skip", "error")
+CACHE_MODES = ("no", "part", "full")
+INTERPOLATIONS = ("bicubic", "bilinear")
+MODEL_TYPES = ("strip_mlp",)
+DROP_PATH_SCHEDULES = ("uniform", "linear")
+SCHEDULERS = ("cosine", "linear", "step")
+OPTIMIZERS = ("adamw", "sgd")
+LR_SCALINGS = ("linear", "none")
+FREEZE_MODES = ("", "backbone", "stage1", "stage2", "stage3", "stage4")
+RANDOM_ERASING_MODES = ("pixel", "rand", "const")  # timm's RandomErasing fills
+MIXUP_MODES = ("batch", "pair", "elem")  # timm's Mixup draws its parameters per batch, pair or element
+AMP_DTYPES = ("bfloat16", "float16")  # names of torch dtypes
+DEVICES = ("auto", "cpu", "cuda")
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "DATA.DATASET": DATASETS,
     "DATA.BAD_IMAGE": BAD_IMAGE_POLICIES,
@@ -42,7 +51,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "TRAIN.FREEZE": FREEZE_MODES,
     "AUG.REMODE": RANDOM_ERASING_MODES,
     "AUG.MIXUP_MODE": MIXUP_MODES,
-    "AMP.DTYPE": tuple(AMP_DTYPES),
+    "AMP.DTYPE": AMP_DTYPES,
     "DEVICE": DEVICES,
 }
 
@@ -65,11 +74,11 @@ def default_config() -> CN:
     c.DATA = CN()
     c.DATA.BATCH_SIZE = 64  # images per process (per GPU) and step
     c.DATA.DATA_PATH = ""  # dataset root; its expected layout depends on DATA.DATASET
-    c.DATA.DATASET = "imagenet"  # one of CHOICES["DATA.DATASET"]
+    c.DATA.DATASET = "imagenet"  # one of DATASETS
     # Network input size: one side (square inputs) or [height, width], each a multiple of the network's total
-    # stride (32). A square [S, S] is stored as S; read it with utils.image_size, which gives (height, width).
+    # stride (32). A square [S, S] is stored as S; utils.image_size(config.DATA.IMG_SIZE) gives (height, width).
     c.DATA.IMG_SIZE = 224
-    c.DATA.INTERPOLATION = "bicubic"  # resize interpolation for training and evaluation
+    c.DATA.INTERPOLATION = "bicubic"  # resize interpolation for training and evaluation, one of INTERPOLATIONS
     c.DATA.PIN_MEMORY = True  # page-locked host memory for faster copies to the GPU
     c.DATA.NUM_WORKERS = 8  # data-loading worker processes per training process
     # Keep loader workers alive between epochs (saves their start-up each epoch). Augmentation depends only on
@@ -77,21 +86,21 @@ def default_config() -> CN:
     c.DATA.PERSISTENT_WORKERS = False
     # What an image that cannot be read or decoded does: "skip" logs its path and trains on the next readable
     # image of the split instead (and leaves it out of validation accuracy); "error" stops the run naming it.
-    c.DATA.BAD_IMAGE = "skip"  # one of CHOICES["DATA.BAD_IMAGE"]
+    c.DATA.BAD_IMAGE = "skip"  # one of BAD_IMAGE_POLICIES
     # Read each split from Swin-Transformer's packed format (the release's --zip): DATA_PATH holds train.zip and
     # val.zip, each with <split>_map.txt beside it ("PATH<TAB>LABEL" lines); tools/make_zip_dataset.py writes it.
     c.DATA.ZIP_MODE = False
     # With ZIP_MODE (the release's --cache-mode): "no" reads archive members on demand, "part" holds in memory
     # the members this process reads (each process then trains on its own fixed 1/N of the set, reshuffled each
     # epoch, as Swin), "full" holds every member in every process.
-    c.DATA.CACHE_MODE = "no"  # one of CHOICES["DATA.CACHE_MODE"]
+    c.DATA.CACHE_MODE = "no"  # one of CACHE_MODES
     # With ZIP_MODE: the most a member may inflate to, in MiB. A member that declares more, or inflates past its
     # declared size (a zip bomb, a damaged directory), is an unreadable image; no real image comes near it.
     c.DATA.ZIP_MAX_MEMBER_MB = 256
 
     # ---------------------------------------------------------------- model
     c.MODEL = CN()
-    c.MODEL.TYPE = "strip_mlp"  # architecture family, dispatched by models.build_model
+    c.MODEL.TYPE = "strip_mlp"  # architecture family, one of MODEL_TYPES
     c.MODEL.NAME = "strip_mlp_tiny"  # run name; also the sub-folder of OUTPUT
     c.MODEL.PRETRAINED = ""  # weights to start from (model weights only, e.g. the release's checkpoints)
     c.MODEL.RESUME = ""  # checkpoint to resume training from (model, optimiser, scheduler, epoch)
@@ -103,10 +112,10 @@ def default_config() -> CN:
     c.MODEL.LABEL_SMOOTHING = 0.1  # label smoothing, applied through Mixup's targets when mixup is on
 
     c.MODEL.STRIP_MLP = CN()
-    c.MODEL.STRIP_MLP.PATCH_SIZE = 4  # side of the non-overlapping patches of the stem
+    c.MODEL.STRIP_MLP.PATCH_SIZE = 4  # side of the non-overlapping patches of the stem (the network needs 4)
     c.MODEL.STRIP_MLP.IN_CHANS = 3  # input image channels
-    c.MODEL.STRIP_MLP.EMBED_DIM = 80  # channels of the first stage (doubled at each later stage)
-    c.MODEL.STRIP_MLP.LAYERS = [2, 2, 12, 2]  # blocks per stage
+    c.MODEL.STRIP_MLP.EMBED_DIM = 80  # channels of the first stage (doubled at each later stage); a multiple of 8
+    c.MODEL.STRIP_MLP.LAYERS = [2, 2, 12, 2]  # blocks per stage, four stages
     c.MODEL.STRIP_MLP.ALPHA = 3  # expansion ratio of the ChannelMixing MLP (hidden width alpha x channels)
 
     # ---------------------------------------------------------------- training
@@ -131,18 +140,18 @@ def default_config() -> CN:
     # group (block, in forward order; the stem first) at LAYER_DECAY times the next one's. 1.0 turns it off; in
     # (0, 1], e.g. 0.8 as ConvNeXt and BEiT fine-tune.
     c.TRAIN.LAYER_DECAY = 1.0
-    # Parameters left untouched by training, one of CHOICES["TRAIN.FREEZE"]: "" none; "backbone" all but the
+    # Parameters left untouched by training, one of FREEZE_MODES: "" none; "backbone" all but the
     # classifier; "stage1".."stage4" the stem and the stages up to that one, with the merging and skip layers that
     # feed them. Frozen BatchNorm layers also keep their running statistics.
     c.TRAIN.FREEZE = ""
 
     c.TRAIN.LR_SCHEDULER = CN()
-    c.TRAIN.LR_SCHEDULER.NAME = "cosine"  # one of CHOICES["TRAIN.LR_SCHEDULER.NAME"]
+    c.TRAIN.LR_SCHEDULER.NAME = "cosine"  # one of SCHEDULERS
     c.TRAIN.LR_SCHEDULER.DECAY_EPOCHS = 30  # epochs between decays ("step" only)
     c.TRAIN.LR_SCHEDULER.DECAY_RATE = 0.1  # factor applied at each decay ("step" only)
 
     c.TRAIN.OPTIMIZER = CN()
-    c.TRAIN.OPTIMIZER.NAME = "adamw"  # one of CHOICES["TRAIN.OPTIMIZER.NAME"]
+    c.TRAIN.OPTIMIZER.NAME = "adamw"  # one of OPTIMIZERS
     c.TRAIN.OPTIMIZER.EPS = 1e-8  # AdamW epsilon
     c.TRAIN.OPTIMIZER.BETAS = (0.9, 0.999)  # AdamW betas
     c.TRAIN.OPTIMIZER.MOMENTUM = 0.9  # SGD momentum (Nesterov)
@@ -157,7 +166,7 @@ def default_config() -> CN:
     c.AUG.AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"  # timm auto-augment policy string; "none" turns it off
     c.AUG.HFLIP = 0.5  # horizontal-flip probability (0 for data where mirroring changes the class)
     c.AUG.REPROB = 0.25  # random-erasing probability
-    c.AUG.REMODE = "pixel"  # random-erasing fill mode
+    c.AUG.REMODE = "pixel"  # random-erasing fill mode, one of RANDOM_ERASING_MODES
     c.AUG.RECOUNT = 1  # random-erasing regions per image
     c.AUG.MIXUP = 0.8  # mixup alpha; mixup is on when > 0
     c.AUG.CUTMIX = 1.0  # cutmix alpha; cutmix is on when > 0
@@ -219,6 +228,15 @@ POSITIVE = Allowed(lambda value: math.isfinite(value) and value > 0, "positive")
 PROBABILITY = _interval(0.0, 1.0)
 FRACTION = _interval(0.0, 1.0, high_open=True)  # a rate that must leave something: dropout, smoothing, betas
 
+STRIDE = 32  # the network's total stride (the stem's patch of 4, then three 2x mergings)
+
+
+def _input_size(value: Any) -> bool:
+    """One side, or [height, width], of positive integers divisible by the network's total stride."""
+    sides = value if isinstance(value, (list, tuple)) else (value, value)
+    return len(sides) == 2 and all(isinstance(side, int) and not isinstance(side, bool) and side > 0
+                                   and side % STRIDE == 0 for side in sides)
+
 
 def _augment_policy(policy: str) -> bool:
     """Whether timm's create_transform accepts the policy string (its parser picks the family by the prefix)."""
@@ -234,9 +252,13 @@ def _augment_policy(policy: str) -> bool:
 
 
 # Values each key accepts beyond its type (CHOICES aside), declared beside the defaults and checked whenever a file,
-# --opts or a flag sets the key, so that a bad value stops before any work, named with what is allowed. DATA.IMG_SIZE,
-# PATCH_SIZE and LAYERS are the network's to judge (check_architecture); AUG.CUTMIX_MINMAX is checked once merged.
+# --opts or a flag sets the key, so that a bad value stops before any work, named with what is allowed. The shape of
+# the network follows the rules that models/strip_mlp.py applies to its constructor's arguments (a stage width E,
+# 2E, 4E and 8E splits into the strip mixing's chunks exactly when E is a multiple of 8). AUG.CUTMIX_MINMAX is
+# checked once merged.
 LIMITS: dict[str, Allowed] = {
+    "DATA.IMG_SIZE": Allowed(_input_size, "one side or [height, width], positive integers divisible by 32 (the "
+                                          "network's total stride), e.g. 224 or [192, 256]"),
     "DATA.BATCH_SIZE": POSITIVE,
     "DATA.NUM_WORKERS": _at_least(0),
     "DATA.ZIP_MAX_MEMBER_MB": POSITIVE,
@@ -245,7 +267,13 @@ LIMITS: dict[str, Allowed] = {
     "MODEL.DROP_PATH_RATE": FRACTION,
     "MODEL.LABEL_SMOOTHING": FRACTION,
     "MODEL.STRIP_MLP.IN_CHANS": Allowed(lambda value: value == 3, "3 (the data loaders give RGB images)"),
-    "MODEL.STRIP_MLP.EMBED_DIM": POSITIVE,
+    "MODEL.STRIP_MLP.PATCH_SIZE": Allowed(lambda value: value == 4, "4 (the stem's patch; with three 2x mergings "
+                                                                    "the network downsamples by 32)"),
+    "MODEL.STRIP_MLP.EMBED_DIM": Allowed(lambda value: value > 0 and value % 8 == 0,
+                                         "a positive multiple of 8 (the strip mixing splits each stage's width into "
+                                         "chunks)"),
+    "MODEL.STRIP_MLP.LAYERS": Allowed(lambda layers: len(layers) == 4 and min(layers) >= 1,
+                                      "4 stage depths of at least one block each, e.g. [2, 2, 12, 2]"),
     "MODEL.STRIP_MLP.ALPHA": POSITIVE,
     "TRAIN.EPOCHS": POSITIVE,
     "TRAIN.WARMUP_EPOCHS": _at_least(0),
@@ -318,14 +346,12 @@ def _coerce(value: Any, default: Any, key: str, source: str) -> Any:
 
 def _image_size_value(value: Any, key: str, source: str) -> int | tuple[int, int]:
     """DATA.IMG_SIZE as the config holds it: a side S, or (height, width) when the sides differ ([S, S] becomes S,
-    so square sizes read and dump as before). Whether the sides suit the network is checked once merged."""
+    so square sizes read and dump as before)."""
     if isinstance(value, str):  # --opts gives "224" or "[192, 256]"
         value = _parse_literal(value)
-    sides = tuple(value) if isinstance(value, (list, tuple)) else (value, value)
-    if len(sides) != 2 or not all(isinstance(side, int) and not isinstance(side, bool) for side in sides):
-        raise ConfigError(f"{source}: {key} must be one side or [height, width], integers divisible by 32 "
-                          f"(e.g. 224 or [192, 256]), got {value!r}")
-    height, width = sides
+    if not LIMITS[key].test(value):
+        raise ConfigError(f"{source}: {key} must be {LIMITS[key].words}, got {value!r}")
+    height, width = value if isinstance(value, (list, tuple)) else (value, value)
     return height if height == width else (height, width)
 
 
@@ -431,12 +457,6 @@ def _merge_file(config: CN, path: str) -> None:
 
 def _check_consistency(config: CN) -> None:
     """Checks that involve several keys, run once everything is merged."""
-    strip = config.MODEL.STRIP_MLP
-    try:  # the network's own rule, named by the keys that set it
-        check_architecture(ARCHITECTURE_KEYS, img_size=config.DATA.IMG_SIZE, patch_size=strip.PATCH_SIZE,
-                           embed_dim=strip.EMBED_DIM, layers=strip.LAYERS)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
     mixing = config.AUG.MIXUP > 0 or config.AUG.CUTMIX > 0 or config.AUG.CUTMIX_MINMAX is not None
     if mixing and config.DATA.BATCH_SIZE % 2:  # timm's Mixup pairs each image with its mirror in the batch
         raise ConfigError(f"DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} must be even while AUG.MIXUP or AUG.CUTMIX is on")
@@ -562,7 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--accumulation-steps", type=int, help="gradient accumulation steps")
     parser.add_argument("--use-checkpoint", action="store_true", help="activation checkpointing to save memory")
     parser.add_argument("--amp", action="store_true", help="mixed precision (AMP.ENABLE)")
-    parser.add_argument("--amp-dtype", choices=CHOICES["AMP.DTYPE"], help="mixed-precision dtype (AMP.DTYPE)")
+    parser.add_argument("--amp-dtype", choices=AMP_DTYPES, help="mixed-precision dtype (AMP.DTYPE)")
     parser.add_argument("--amp-opt-level", choices=("O0", "O1", "O2"),
                         help="deprecated apex level from the release: O0 is off, O1/O2 mean --amp --amp-dtype float16")
     parser.add_argument("--output", type=str, metavar="PATH", help="output root; the run writes to PATH/NAME/TAG")
@@ -574,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_rank", "--local-rank", type=int, dest="local_rank", help=argparse.SUPPRESS)
     parser.add_argument("--zip", action="store_true",
                         help="read train.zip/val.zip with their map files, Swin's packed format (DATA.ZIP_MODE)")
-    parser.add_argument("--cache-mode", choices=CHOICES["DATA.CACHE_MODE"],
+    parser.add_argument("--cache-mode", choices=CACHE_MODES,
                         help="with --zip: hold no, this process's part, or all of the members in memory "
                              "(DATA.CACHE_MODE)")
     return parser

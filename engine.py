@@ -32,8 +32,6 @@ from lr_scheduler import scheduled_lr
 from reports import ClassTally
 from utils import RunError, position_seed, seed_everything, unwrap_model
 
-AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 class NonFiniteLossError(RunError):
     """The loss or the gradient became NaN or infinite; training stops before the bad update touches the
@@ -59,7 +57,7 @@ class StepSettings:
         return cls(
             env=env,
             amp_enabled=config.AMP.ENABLE,
-            amp_dtype=AMP_DTYPES[config.AMP.DTYPE],
+            amp_dtype=getattr(torch, config.AMP.DTYPE),  # one of config.AMP_DTYPES
             channels_last=config.CHANNELS_LAST,
             accumulation_steps=max(config.TRAIN.ACCUMULATION_STEPS, 1),
             clip_grad=config.TRAIN.CLIP_GRAD,

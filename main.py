@@ -44,6 +44,7 @@ from distributed import (
     any_rank,
     configure_backends,
     destroy_distributed,
+    ignore_preemption_signals,
     init_distributed,
     on_rank0,
     requeue_slurm_job,
@@ -116,7 +117,8 @@ def build_network(config: CfgNode, env: DistEnv, logger: logging.Logger) -> nn.M
 def evaluate_only(config: CfgNode, env: DistEnv, logger: logging.Logger) -> int:
     """``--eval`` (the weights must fit the model's variant and classes; another input size is resampled) or
     ``--throughput``; no training data."""
-    loaders = build_loader(config, env.rank, env.world_size, train=False, device=env.device)
+    loaders = build_loader(config, env.rank, env.world_size, train=False, device=env.device,
+                           worker_init_fn=ignore_preemption_signals)
     settings = StepSettings.from_config(config, env)
     model = build_network(config, env, logger)
     if config.EVAL_MODE:
@@ -149,7 +151,8 @@ class Training(NamedTuple):
 
 
 def build_training(config: CfgNode, env: DistEnv, logger: logging.Logger) -> Training:
-    loaders = build_loader(config, env.rank, env.world_size, device=env.device)
+    loaders = build_loader(config, env.rank, env.world_size, device=env.device,
+                           worker_init_fn=ignore_preemption_signals)
     settings = StepSettings.from_config(config, env)
     model = build_network(config, env, logger)
     lrs = effective_learning_rates(config, env.world_size)

@@ -290,3 +290,4 @@ def test_weights_of_another_size_are_resampled_except_for_a_resumed_run() -> Non
     with pytest.raises(CheckpointError, match=r"weights.pth: .*proj_h.weight: checkpoint \(8, 8, 1, 3\) vs model "
                                               r"\(16, 16, 1, 3\)"):
         fit_state_dict(weights, larger, "weights.pth", resample=False)
+

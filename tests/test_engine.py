@@ -291,3 +291,4 @@ def test_cuda_float16_with_scaler_channels_last(compile_model: bool) -> None:
     assert math.isfinite(stats["train_loss"]) and state.global_step == 2
     metrics = validate(state.model, data, run, LOGGER)
     assert metrics["images"] == 16
+
