@@ -194,7 +194,9 @@ def default_config() -> CN:
     c.EVAL_MODE = False  # only evaluate the weights given by MODEL.RESUME or MODEL.PRETRAINED
     c.THROUGHPUT_MODE = False  # only measure inference throughput
     c.DEVICE = "auto"  # "auto" uses CUDA when available, else the CPU
-    c.CHANNELS_LAST = False  # channels-last memory format for the model and inputs
+    # Channels-last memory format for the model's weights (models.build_model) and its inputs (the loaders and
+    # engine), in training, evaluation and throughput alike; the results are the same, the speed may differ.
+    c.CHANNELS_LAST = False
     c.COMPILE = False  # wrap the model with torch.compile
     c.DETERMINISTIC = False  # deterministic kernels and no cuDNN benchmark (slower, reproducible)
     return c

@@ -105,9 +105,7 @@ def check_request(config: CfgNode, env: DistEnv) -> None:
 def build_network(config: CfgNode, env: DistEnv, logger: logging.Logger) -> nn.Module:
     """The model on this process's device; the same initial weights on every rank."""
     seed_everything(config.SEED)
-    model = build_model(config).to(env.device)
-    if config.CHANNELS_LAST:
-        model = model.to(memory_format=torch.channels_last)
+    model = build_model(config).to(env.device)  # keeps the memory format that CHANNELS_LAST gave it
     if config.TRAIN.SYNC_BN and env.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     logger.info(f"{config.MODEL.NAME}: {sum(p.numel() for p in model.parameters()):,} parameters")

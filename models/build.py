@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
+
 from .strip_mlp import StripMLPNet
 
 if TYPE_CHECKING:
@@ -16,9 +18,9 @@ if TYPE_CHECKING:
 
 def build_model(config: CfgNode) -> StripMLPNet:
     """The network that ``config.MODEL`` describes (MODEL.TYPE strip_mlp, the one type) for ``config.DATA.IMG_SIZE``
-    inputs."""
+    inputs, with its weights in channels-last memory format when ``config.CHANNELS_LAST`` asks for it."""
     strip = config.MODEL.STRIP_MLP
-    return StripMLPNet(
+    model = StripMLPNet(
         img_size=config.DATA.IMG_SIZE,
         patch_size=strip.PATCH_SIZE,
         in_chans=strip.IN_CHANS,
@@ -31,3 +33,4 @@ def build_model(config: CfgNode) -> StripMLPNet:
         drop_path_schedule=config.MODEL.DROP_PATH_SCHEDULE,
         use_checkpoint=config.TRAIN.USE_CHECKPOINT,
     )
+    return model.to(memory_format=torch.channels_last) if config.CHANNELS_LAST else model
