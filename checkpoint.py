@@ -32,7 +32,7 @@ from timm.data import ImageNetInfo
 from torch import nn
 from yacs.config import CfgNode
 
-from config import config_from_text, load_config
+from config import config_from_text, load_config, upgrade_saved
 from distributed import DistEnv, gather_to_rank0, on_rank0
 from models import build_model, checkpoint_filter_fn, clean_state_dict
 from optimizer import is_decayed
@@ -170,13 +170,14 @@ def read_checkpoint(path: str | Path, env: DistEnv) -> dict[str, Any]:
 
 
 def saved_config(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
-    """The config a checkpoint was trained with as nested dicts: ours as YAML text, the release's as a mapping."""
+    """The config a checkpoint was trained with as nested dicts: ours as YAML text, the release's as a mapping; what
+    earlier versions saved is read as this version reads it (config.upgrade_saved)."""
     config = checkpoint.get("config")
     if isinstance(config, str):
         loaded = yaml.safe_load(config)
-        return loaded if isinstance(loaded, dict) else {}
+        return upgrade_saved(loaded, "the checkpoint's saved config") if isinstance(loaded, dict) else {}
     if isinstance(config, Mapping):
-        return yaml.safe_load(CfgNode(config).dump())
+        return upgrade_saved(yaml.safe_load(CfgNode(config).dump()), "the checkpoint's saved config")
     return {}
 
 
@@ -655,9 +656,8 @@ def restore_training(state: TrainState, checkpoint: Mapping[str, Any], source: s
     best_acc1 = float(checkpoint.get("max_accuracy", 0.0))
     step = int(checkpoint.get("step", 0))
     if step:  # a position inside an epoch, counted in micro-batches of this layout
-        before = (_lookup(saved, "DATA.BATCH_SIZE"), max(_lookup(saved, "TRAIN.ACCUMULATION_STEPS") or 1, 1),
-                  saved_world)
-        now = (config.DATA.BATCH_SIZE, max(config.TRAIN.ACCUMULATION_STEPS, 1), env.world_size)
+        before = (_lookup(saved, "DATA.BATCH_SIZE"), _lookup(saved, "TRAIN.ACCUMULATION_STEPS"), saved_world)
+        now = (config.DATA.BATCH_SIZE, config.TRAIN.ACCUMULATION_STEPS, env.world_size)
         if before != now:
             logger.warning(f"{source} was written {step} steps into epoch {epoch + 1} with (batch size, accumulation "
                            f"steps, processes) {before}, this run has {now}: its steps divide the epoch otherwise, "

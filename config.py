@@ -11,7 +11,8 @@ import difflib
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import yaml
@@ -56,14 +57,31 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
-# Keys of earlier versions, and why they went; saved configs that hold them still load.
+# Keys of earlier versions, and why they went. A file or checkpoint that holds one still loads, with a warning; the
+# command line may not set one.
 REMOVED_KEYS: dict[str, str] = {
-    "TRAIN.START_EPOCH": "a resumed run starts after the checkpoint's epoch; delete the key",
+    "TRAIN.START_EPOCH": "a resumed run starts after the checkpoint's epoch",
+    "TEST.SEQUENTIAL": "validation shards are strided; contiguous ones gave the same results",
+}
+
+# Values that earlier versions wrote and this one reads otherwise, as key: (old value, new value, why). A file or
+# checkpoint that holds one still loads, with a warning; the command line must give the new value.
+OLD_VALUES: dict[str, tuple[Any, Any, str]] = {
+    "TRAIN.ACCUMULATION_STEPS": (0, 1, "0 meant no accumulation, which is 1 micro-batch per update"),
 }
 
 
 class ConfigError(RunError):
     """A bad config file, key or value; its message is one line meant for the user."""
+
+
+class OutdatedConfigWarning(UserWarning):
+    """A key or value of an earlier version in a file or a checkpoint's saved config (REMOVED_KEYS, OLD_VALUES): it
+    loads, and the warning says what became of it."""
+
+    def __init__(self, source: str, key: str, change: str) -> None:
+        super().__init__(f"{source}: {key} {change}")
+        self.key = key
 
 
 def default_config() -> CN:
@@ -128,7 +146,7 @@ def default_config() -> CN:
     c.TRAIN.MIN_LR = 5e-6  # learning rate at the end of the schedule
     c.TRAIN.CLIP_GRAD = 5.0  # gradient-norm clipping threshold; 0 turns clipping off
     c.TRAIN.AUTO_RESUME = True  # resume from the newest checkpoint in OUTPUT when there is one
-    c.TRAIN.ACCUMULATION_STEPS = 0  # micro-batches per optimiser step; 0 or 1 means no accumulation
+    c.TRAIN.ACCUMULATION_STEPS = 1  # micro-batches per optimiser step; 1 means no accumulation
     c.TRAIN.USE_CHECKPOINT = False  # activation checkpointing: less memory, about a third more compute
     c.TRAIN.LR_SCALING = "linear"  # "linear": scale the three LRs by total batch / LR_REFERENCE_BATCH; "none"
     c.TRAIN.LR_REFERENCE_BATCH = 512  # total batch (batch x processes x accumulation) the LRs are stated for
@@ -178,7 +196,6 @@ def default_config() -> CN:
     # ---------------------------------------------------------------- evaluation
     c.TEST = CN()
     c.TEST.CROP = True  # resize to IMG_SIZE*256/224 (each side) then centre-crop; False resizes straight to IMG_SIZE
-    c.TEST.SEQUENTIAL = False  # shard validation in contiguous blocks (True) or strided (False); both exact
 
     # ---------------------------------------------------------------- mixed precision
     c.AMP = CN()
@@ -284,7 +301,7 @@ LIMITS: dict[str, Allowed] = {
     "TRAIN.WARMUP_LR": _at_least(0.0),
     "TRAIN.MIN_LR": _at_least(0.0),
     "TRAIN.CLIP_GRAD": _at_least(0.0),
-    "TRAIN.ACCUMULATION_STEPS": _at_least(0),
+    "TRAIN.ACCUMULATION_STEPS": _at_least(1),
     "TRAIN.LR_REFERENCE_BATCH": POSITIVE,
     "TRAIN.KEEP_CHECKPOINTS": _at_least(0),
     "TRAIN.SAVE_STEPS": _at_least(0),
@@ -357,10 +374,31 @@ def _image_size_value(value: Any, key: str, source: str) -> int | tuple[int, int
     return height if height == width else (height, width)
 
 
+def upgrade_saved(tree: Mapping[str, Any], source: str, prefix: str = "") -> dict[str, Any]:
+    """A config that a file or a checkpoint holds (nested mappings), as this version reads it: keys since removed
+    (REMOVED_KEYS) are left out and old values (OLD_VALUES) replaced, each with an OutdatedConfigWarning, so that
+    configs and checkpoints written by earlier versions still load."""
+    upgraded = {}
+    for name, value in tree.items():
+        key = f"{prefix}{name}"
+        if key in REMOVED_KEYS:
+            warnings.warn(OutdatedConfigWarning(source, key, f"was removed ({REMOVED_KEYS[key]}); its value is "
+                                                             "ignored"), stacklevel=2)
+            continue
+        if isinstance(value, Mapping):
+            value = upgrade_saved(value, source, f"{key}.")
+        elif key in OLD_VALUES and type(value) is type(OLD_VALUES[key][0]) and value == OLD_VALUES[key][0]:
+            old, new, why = OLD_VALUES[key]
+            warnings.warn(OutdatedConfigWarning(source, key, f"{old!r} reads as {new!r} ({why})"), stacklevel=2)
+            value = new
+        upgraded[name] = value
+    return upgraded
+
+
 def _set_key(config: CN, key: str, value: Any, source: str) -> None:
     """Set dotted ``key`` of a config under construction; nested mappings set their sub-keys."""
-    if key in REMOVED_KEYS:
-        raise ConfigError(f"{source}: {key} was removed: {REMOVED_KEYS[key]}")
+    if key in REMOVED_KEYS:  # files and checkpoints pass through upgrade_saved; this is the command line
+        raise ConfigError(f"{source}: {key} was removed ({REMOVED_KEYS[key]}); leave it out")
     parts = key.split(".")
     node = config
     for depth, name in enumerate(parts):
@@ -410,7 +448,7 @@ def _read_yaml(path: str) -> dict:
         return {}
     if not isinstance(content, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys at the top level, got {type(content).__name__}")
-    return content
+    return upgrade_saved(content, path)
 
 
 def _bases(path: str, content: dict) -> list[str]:
@@ -507,7 +545,7 @@ def _merge_opts(config: CN, opts: Sequence[str]) -> None:
 def config_from_text(text: str, source: str, opts: Sequence[str] = ()) -> CN:
     """The frozen config a checkpoint saved (a full YAML dump), with ``KEY VALUE`` overrides.
 
-    Keys that later versions removed (REMOVED_KEYS) are passed over, so older checkpoints keep working.
+    What earlier versions saved is read as :func:`upgrade_saved` says, so older checkpoints keep working.
     """
     try:
         content = yaml.safe_load(text)
@@ -516,9 +554,8 @@ def config_from_text(text: str, source: str, opts: Sequence[str] = ()) -> CN:
     if not isinstance(content, dict):
         raise ConfigError(f"{source}: its saved config is not a mapping of keys; give --cfg FILE")
     config = default_config()
-    for key, value in _flatten(content):
-        if key not in REMOVED_KEYS:
-            _set_key(config, key, value, source)
+    for key, value in _flatten(upgrade_saved(content, source)):
+        _set_key(config, key, value, source)
     _merge_opts(config, opts)
     _check_consistency(config)
     config.freeze()

@@ -59,7 +59,7 @@ class StepSettings:
             amp_enabled=config.AMP.ENABLE,
             amp_dtype=getattr(torch, config.AMP.DTYPE),  # one of config.AMP_DTYPES
             channels_last=config.CHANNELS_LAST,
-            accumulation_steps=max(config.TRAIN.ACCUMULATION_STEPS, 1),
+            accumulation_steps=config.TRAIN.ACCUMULATION_STEPS,
             clip_grad=config.TRAIN.CLIP_GRAD,
             print_freq=config.PRINT_FREQ,
             epochs=config.TRAIN.EPOCHS,

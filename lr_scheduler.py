@@ -31,7 +31,7 @@ def effective_learning_rates(config: CfgNode, world_size: int) -> LearningRates:
     effectively trained with.
     """
     train = config.TRAIN
-    total_batch = config.DATA.BATCH_SIZE * world_size * max(train.ACCUMULATION_STEPS, 1)  # 0 and 1: none
+    total_batch = config.DATA.BATCH_SIZE * world_size * train.ACCUMULATION_STEPS
     scale = total_batch / train.LR_REFERENCE_BATCH if train.LR_SCALING == "linear" else 1.0
     return LearningRates(base=train.BASE_LR * scale, warmup=train.WARMUP_LR * scale, minimum=train.MIN_LR * scale,
                          scale=scale)

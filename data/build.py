@@ -124,7 +124,7 @@ def build_loader(config: CfgNode, rank: int = 0, world_size: int = 1, train: boo
         "worker_init_fn": worker_init_fn,
     }
     memory_format = torch.channels_last if config.CHANNELS_LAST else torch.contiguous_format
-    sampler_val = ShardSampler(len(dataset_val), rank, world_size, contiguous=config.TEST.SEQUENTIAL)
+    sampler_val = ShardSampler(len(dataset_val), rank, world_size)
     _cache_members(dataset_val, config.DATA.CACHE_MODE, sampler_val)
     loader_val = DeviceLoader(DataLoader(dataset_val, sampler=sampler_val, drop_last=False, **common), device,
                               memory_format=memory_format)

@@ -15,6 +15,7 @@ from config import (
     CHOICES,
     LIMITS,
     ConfigError,
+    OutdatedConfigWarning,
     build_parser,
     config_from_text,
     default_config,
@@ -385,3 +386,44 @@ def test_release_zip_and_cache_flags_set_the_data_keys(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="DATA.CACHE_MODE 'some' is not supported; choose one of: no, part, full"):
         parse_option(["--cfg", cfg, "--zip", "--opts", "DATA.CACHE_MODE", "some"])
 
+
+def _previous_version_dump() -> str:
+    """A full config as the previous version dumped it, in every output folder and checkpoint: with TEST.SEQUENTIAL,
+    and TRAIN.ACCUMULATION_STEPS 0 for no accumulation."""
+    text = default_config().dump()
+    assert text.count("TEST:\n") == 1 and text.count("ACCUMULATION_STEPS: 1\n") == 1
+    return text.replace("TEST:\n", "TEST:\n  SEQUENTIAL: false\n").replace("ACCUMULATION_STEPS: 1\n",
+                                                                           "ACCUMULATION_STEPS: 0\n")
+
+
+def test_a_config_of_the_previous_version_loads_with_a_warning_per_outdated_key(tmp_path: Path) -> None:
+    old = _previous_version_dump()
+    cfg = _write(tmp_path / "config.yaml", old)
+    for source, load in ((cfg, lambda: load_config(cfg)), ("ckpt.pth", lambda: config_from_text(old, "ckpt.pth"))):
+        with pytest.warns(OutdatedConfigWarning) as caught:
+            config = load()
+        outdated = {w.message.key: str(w.message) for w in caught if isinstance(w.message, OutdatedConfigWarning)}
+        assert sorted(outdated) == ["TEST.SEQUENTIAL", "TRAIN.ACCUMULATION_STEPS"]
+        assert all(message.startswith(f"{source}: ") for message in outdated.values())
+        assert "TEST.SEQUENTIAL was removed" in outdated["TEST.SEQUENTIAL"]
+        assert config.TRAIN.ACCUMULATION_STEPS == 1 and "SEQUENTIAL" not in config.TEST
+    assert config == config_from_text(default_config().dump(), "ckpt.pth")
+
+
+def test_the_command_line_may_not_set_a_removed_key(tmp_path: Path) -> None:
+    cfg = _write(tmp_path / "c.yaml", "")
+    with pytest.raises(ConfigError, match=r"--opts: TEST.SEQUENTIAL was removed \(.*\); leave it out"):
+        load_config(cfg, ["TEST.SEQUENTIAL", "True"])
+
+
+def test_accumulation_steps_are_one_or_more(tmp_path: Path) -> None:
+    """1 is no accumulation (the default); 0 no longer means the same, and the command line may not give it."""
+    cfg = _write(tmp_path / "c.yaml", "")
+    assert default_config().TRAIN.ACCUMULATION_STEPS == 1
+    with pytest.raises(ConfigError) as info:
+        load_config(cfg, ["TRAIN.ACCUMULATION_STEPS", "0"])
+    assert str(info.value) == "--opts: TRAIN.ACCUMULATION_STEPS must be 1 or more, got 0"
+    with pytest.raises(ConfigError) as info:
+        parse_option(["--cfg", cfg, "--accumulation-steps", "0"])
+    assert str(info.value) == "--accumulation-steps: TRAIN.ACCUMULATION_STEPS must be 1 or more, got 0"
+    assert load_config(cfg, ["TRAIN.ACCUMULATION_STEPS", "2"]).TRAIN.ACCUMULATION_STEPS == 2

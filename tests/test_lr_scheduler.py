@@ -39,7 +39,7 @@ def test_linear_scaling_uses_total_batch() -> None:
     assert lrs.scale == 2.0
     assert (lrs.base, lrs.warmup, lrs.minimum) == pytest.approx((2e-3, 2e-6, 2e-5))
     single = effective_learning_rates(config_with("TRAIN.LR_SCALING", "linear", "DATA.BATCH_SIZE", 128), 1)
-    assert single.base == pytest.approx(1e-3 * 128 / 512)  # no accumulation (0) counts as 1
+    assert single.base == pytest.approx(1e-3 * 128 / 512)  # no accumulation: 1 micro-batch per update
 
 
 def test_no_scaling_uses_values_as_given() -> None:
