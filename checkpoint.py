@@ -9,6 +9,8 @@ file intact. Only rank 0 reads checkpoint files; every other rank receives rank 
 resume the same epoch with the same weights whatever their view of the file system.
 """
 
+from __future__ import annotations
+
 import itertools
 import logging
 import os
@@ -22,7 +24,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import yaml
@@ -30,12 +32,14 @@ from timm.data import ImageNetInfo
 from torch import nn
 from yacs.config import CfgNode
 
-from config import config_from_text, load_config
+from config import config_from_text, load_config, upgrade_saved
 from distributed import DistEnv, gather_to_rank0, on_rank0
-from engine import OptimizationState
 from models import build_model, checkpoint_filter_fn, clean_state_dict
 from optimizer import is_decayed
 from utils import RunError, rng_state, set_rng_state, unwrap_model
+
+if TYPE_CHECKING:
+    from engine import OptimizationState
 
 CHECKPOINT_PATTERN = re.compile(r"ckpt_epoch_(\d+)\.pth")
 LATEST_NAME = "latest.pth"
@@ -166,13 +170,14 @@ def read_checkpoint(path: str | Path, env: DistEnv) -> dict[str, Any]:
 
 
 def saved_config(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
-    """The config a checkpoint was trained with as nested dicts: ours as YAML text, the release's as a mapping."""
+    """The config a checkpoint was trained with as nested dicts: ours as YAML text, the release's as a mapping; what
+    earlier versions saved is read as this version reads it (config.upgrade_saved)."""
     config = checkpoint.get("config")
     if isinstance(config, str):
         loaded = yaml.safe_load(config)
-        return loaded if isinstance(loaded, dict) else {}
+        return upgrade_saved(loaded, "the checkpoint's saved config") if isinstance(loaded, dict) else {}
     if isinstance(config, Mapping):
-        return yaml.safe_load(CfgNode(config).dump())
+        return upgrade_saved(yaml.safe_load(CfgNode(config).dump()), "the checkpoint's saved config")
     return {}
 
 
@@ -651,9 +656,8 @@ def restore_training(state: OptimizationState, checkpoint: Mapping[str, Any], so
     best_acc1 = float(checkpoint.get("max_accuracy", 0.0))
     step = int(checkpoint.get("step", 0))
     if step:  # a position inside an epoch, counted in micro-batches of this layout
-        before = (_lookup(saved, "DATA.BATCH_SIZE"), max(_lookup(saved, "TRAIN.ACCUMULATION_STEPS") or 1, 1),
-                  saved_world)
-        now = (config.DATA.BATCH_SIZE, max(config.TRAIN.ACCUMULATION_STEPS, 1), env.world_size)
+        before = (_lookup(saved, "DATA.BATCH_SIZE"), _lookup(saved, "TRAIN.ACCUMULATION_STEPS"), saved_world)
+        now = (config.DATA.BATCH_SIZE, config.TRAIN.ACCUMULATION_STEPS, env.world_size)
         if before != now:
             logger.warning(f"{source} was written {step} steps into epoch {epoch + 1} with (batch size, accumulation "
                            f"steps, processes) {before}, this run has {now}: its steps divide the epoch otherwise, "

@@ -11,24 +11,34 @@ import difflib
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import yaml
 from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
 from yacs.config import CfgNode as CN
 
-from data import BAD_IMAGE_POLICIES, CACHE_MODES, DATASETS, INTERPOLATIONS, MIXUP_MODES, RANDOM_ERASING_MODES
-from distributed import DEVICES
-from engine import AMP_DTYPES
-from finetune import FREEZE_MODES
-from lr_scheduler import LR_SCALINGS, SCHEDULERS
-from models import ARCHITECTURE_KEYS, DROP_PATH_SCHEDULES, MODEL_TYPES, check_architecture
-from optimizer import OPTIMIZERS
 from utils import RunError
 
-# Values a key may take, as the module that uses the key defines them; checked whenever a file, --opts or a
-# flag sets the key.
+# The values each key with a fixed set of them may take. They are declared here, beside the defaults, and the
+# modules that use a key import its list from here; a value outside it is refused whenever a file, --opts or a flag
+# sets the key, so nothing downstream checks it again.
+DATASETS = ("imagenet", "caltech101", "folder", "demo", "cifar10", "cifar100")  # data/datasets.py: folders, CIFAR
+BAD_IMAGE_POLICIES = ("skip", "error")
+CACHE_MODES = ("no", "part", "full")
+INTERPOLATIONS = ("bicubic", "bilinear")
+MODEL_TYPES = ("strip_mlp",)
+DROP_PATH_SCHEDULES = ("uniform", "linear")
+SCHEDULERS = ("cosine", "linear", "step")
+OPTIMIZERS = ("adamw", "sgd")
+LR_SCALINGS = ("linear", "none")
+FREEZE_MODES = ("", "backbone", "stage1", "stage2", "stage3", "stage4")
+RANDOM_ERASING_MODES = ("pixel", "rand", "const")  # timm's RandomErasing fills
+MIXUP_MODES = ("batch", "pair", "elem")  # timm's Mixup draws its parameters per batch, pair or element
+AMP_DTYPES = ("bfloat16", "float16")  # names of torch dtypes
+DEVICES = ("auto", "cpu", "cuda")
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "DATA.DATASET": DATASETS,
     "DATA.BAD_IMAGE": BAD_IMAGE_POLICIES,
@@ -42,19 +52,36 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "TRAIN.FREEZE": FREEZE_MODES,
     "AUG.REMODE": RANDOM_ERASING_MODES,
     "AUG.MIXUP_MODE": MIXUP_MODES,
-    "AMP.DTYPE": tuple(AMP_DTYPES),
+    "AMP.DTYPE": AMP_DTYPES,
     "DEVICE": DEVICES,
 }
 
 
-# Keys of earlier versions, and why they went; saved configs that hold them still load.
+# Keys of earlier versions, and why they went. A file or checkpoint that holds one still loads, with a warning; the
+# command line may not set one.
 REMOVED_KEYS: dict[str, str] = {
-    "TRAIN.START_EPOCH": "a resumed run starts after the checkpoint's epoch; delete the key",
+    "TRAIN.START_EPOCH": "a resumed run starts after the checkpoint's epoch",
+    "TEST.SEQUENTIAL": "validation shards are strided; contiguous ones gave the same results",
+}
+
+# Values that earlier versions wrote and this one reads otherwise, as key: (old value, new value, why). A file or
+# checkpoint that holds one still loads, with a warning; the command line must give the new value.
+OLD_VALUES: dict[str, tuple[Any, Any, str]] = {
+    "TRAIN.ACCUMULATION_STEPS": (0, 1, "0 meant no accumulation, which is 1 micro-batch per update"),
 }
 
 
 class ConfigError(RunError):
     """A bad config file, key or value; its message is one line meant for the user."""
+
+
+class OutdatedConfigWarning(UserWarning):
+    """A key or value of an earlier version in a file or a checkpoint's saved config (REMOVED_KEYS, OLD_VALUES): it
+    loads, and the warning says what became of it."""
+
+    def __init__(self, source: str, key: str, change: str) -> None:
+        super().__init__(f"{source}: {key} {change}")
+        self.key = key
 
 
 def default_config() -> CN:
@@ -65,11 +92,11 @@ def default_config() -> CN:
     c.DATA = CN()
     c.DATA.BATCH_SIZE = 64  # images per process (per GPU) and step
     c.DATA.DATA_PATH = ""  # dataset root; its expected layout depends on DATA.DATASET
-    c.DATA.DATASET = "imagenet"  # one of CHOICES["DATA.DATASET"]
+    c.DATA.DATASET = "imagenet"  # one of DATASETS
     # Network input size: one side (square inputs) or [height, width], each a multiple of the network's total
-    # stride (32). A square [S, S] is stored as S; read it with utils.image_size, which gives (height, width).
+    # stride (32). A square [S, S] is stored as S; utils.image_size(config.DATA.IMG_SIZE) gives (height, width).
     c.DATA.IMG_SIZE = 224
-    c.DATA.INTERPOLATION = "bicubic"  # resize interpolation for training and evaluation
+    c.DATA.INTERPOLATION = "bicubic"  # resize interpolation for training and evaluation, one of INTERPOLATIONS
     c.DATA.PIN_MEMORY = True  # page-locked host memory for faster copies to the GPU
     c.DATA.NUM_WORKERS = 8  # data-loading worker processes per training process
     # Keep loader workers alive between epochs (saves their start-up each epoch). Augmentation depends only on
@@ -77,21 +104,21 @@ def default_config() -> CN:
     c.DATA.PERSISTENT_WORKERS = False
     # What an image that cannot be read or decoded does: "skip" logs its path and trains on the next readable
     # image of the split instead (and leaves it out of validation accuracy); "error" stops the run naming it.
-    c.DATA.BAD_IMAGE = "skip"  # one of CHOICES["DATA.BAD_IMAGE"]
+    c.DATA.BAD_IMAGE = "skip"  # one of BAD_IMAGE_POLICIES
     # Read each split from Swin-Transformer's packed format (the release's --zip): DATA_PATH holds train.zip and
     # val.zip, each with <split>_map.txt beside it ("PATH<TAB>LABEL" lines); tools/make_zip_dataset.py writes it.
     c.DATA.ZIP_MODE = False
     # With ZIP_MODE (the release's --cache-mode): "no" reads archive members on demand, "part" holds in memory
     # the members this process reads (each process then trains on its own fixed 1/N of the set, reshuffled each
     # epoch, as Swin), "full" holds every member in every process.
-    c.DATA.CACHE_MODE = "no"  # one of CHOICES["DATA.CACHE_MODE"]
+    c.DATA.CACHE_MODE = "no"  # one of CACHE_MODES
     # With ZIP_MODE: the most a member may inflate to, in MiB. A member that declares more, or inflates past its
     # declared size (a zip bomb, a damaged directory), is an unreadable image; no real image comes near it.
     c.DATA.ZIP_MAX_MEMBER_MB = 256
 
     # ---------------------------------------------------------------- model
     c.MODEL = CN()
-    c.MODEL.TYPE = "strip_mlp"  # architecture family, dispatched by models.build_model
+    c.MODEL.TYPE = "strip_mlp"  # architecture family, one of MODEL_TYPES
     c.MODEL.NAME = "strip_mlp_tiny"  # run name; also the sub-folder of OUTPUT
     c.MODEL.PRETRAINED = ""  # weights to start from (model weights only, e.g. the release's checkpoints)
     c.MODEL.RESUME = ""  # checkpoint to resume training from (model, optimiser, scheduler, epoch)
@@ -103,10 +130,10 @@ def default_config() -> CN:
     c.MODEL.LABEL_SMOOTHING = 0.1  # label smoothing, applied through Mixup's targets when mixup is on
 
     c.MODEL.STRIP_MLP = CN()
-    c.MODEL.STRIP_MLP.PATCH_SIZE = 4  # side of the non-overlapping patches of the stem
+    c.MODEL.STRIP_MLP.PATCH_SIZE = 4  # side of the non-overlapping patches of the stem (the network needs 4)
     c.MODEL.STRIP_MLP.IN_CHANS = 3  # input image channels
-    c.MODEL.STRIP_MLP.EMBED_DIM = 80  # channels of the first stage (doubled at each later stage)
-    c.MODEL.STRIP_MLP.LAYERS = [2, 2, 12, 2]  # blocks per stage
+    c.MODEL.STRIP_MLP.EMBED_DIM = 80  # channels of the first stage (doubled at each later stage); a multiple of 8
+    c.MODEL.STRIP_MLP.LAYERS = [2, 2, 12, 2]  # blocks per stage, four stages
     c.MODEL.STRIP_MLP.ALPHA = 3  # expansion ratio of the ChannelMixing MLP (hidden width alpha x channels)
 
     # ---------------------------------------------------------------- training
@@ -119,7 +146,7 @@ def default_config() -> CN:
     c.TRAIN.MIN_LR = 5e-6  # learning rate at the end of the schedule
     c.TRAIN.CLIP_GRAD = 5.0  # gradient-norm clipping threshold; 0 turns clipping off
     c.TRAIN.AUTO_RESUME = True  # resume from the newest checkpoint in OUTPUT when there is one
-    c.TRAIN.ACCUMULATION_STEPS = 0  # micro-batches per optimiser step; 0 or 1 means no accumulation
+    c.TRAIN.ACCUMULATION_STEPS = 1  # micro-batches per optimiser step; 1 means no accumulation
     c.TRAIN.USE_CHECKPOINT = False  # activation checkpointing: less memory, about a third more compute
     c.TRAIN.LR_SCALING = "linear"  # "linear": scale the three LRs by total batch / LR_REFERENCE_BATCH; "none"
     c.TRAIN.LR_REFERENCE_BATCH = 512  # total batch (batch x processes x accumulation) the LRs are stated for
@@ -131,18 +158,18 @@ def default_config() -> CN:
     # group (block, in forward order; the stem first) at LAYER_DECAY times the next one's. 1.0 turns it off; in
     # (0, 1], e.g. 0.8 as ConvNeXt and BEiT fine-tune.
     c.TRAIN.LAYER_DECAY = 1.0
-    # Parameters left untouched by training, one of CHOICES["TRAIN.FREEZE"]: "" none; "backbone" all but the
+    # Parameters left untouched by training, one of FREEZE_MODES: "" none; "backbone" all but the
     # classifier; "stage1".."stage4" the stem and the stages up to that one, with the merging and skip layers that
     # feed them. Frozen BatchNorm layers also keep their running statistics.
     c.TRAIN.FREEZE = ""
 
     c.TRAIN.LR_SCHEDULER = CN()
-    c.TRAIN.LR_SCHEDULER.NAME = "cosine"  # one of CHOICES["TRAIN.LR_SCHEDULER.NAME"]
+    c.TRAIN.LR_SCHEDULER.NAME = "cosine"  # one of SCHEDULERS
     c.TRAIN.LR_SCHEDULER.DECAY_EPOCHS = 30  # epochs between decays ("step" only)
     c.TRAIN.LR_SCHEDULER.DECAY_RATE = 0.1  # factor applied at each decay ("step" only)
 
     c.TRAIN.OPTIMIZER = CN()
-    c.TRAIN.OPTIMIZER.NAME = "adamw"  # one of CHOICES["TRAIN.OPTIMIZER.NAME"]
+    c.TRAIN.OPTIMIZER.NAME = "adamw"  # one of OPTIMIZERS
     c.TRAIN.OPTIMIZER.EPS = 1e-8  # AdamW epsilon
     c.TRAIN.OPTIMIZER.BETAS = (0.9, 0.999)  # AdamW betas
     c.TRAIN.OPTIMIZER.MOMENTUM = 0.9  # SGD momentum (Nesterov)
@@ -157,7 +184,7 @@ def default_config() -> CN:
     c.AUG.AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"  # timm auto-augment policy string; "none" turns it off
     c.AUG.HFLIP = 0.5  # horizontal-flip probability (0 for data where mirroring changes the class)
     c.AUG.REPROB = 0.25  # random-erasing probability
-    c.AUG.REMODE = "pixel"  # random-erasing fill mode
+    c.AUG.REMODE = "pixel"  # random-erasing fill mode, one of RANDOM_ERASING_MODES
     c.AUG.RECOUNT = 1  # random-erasing regions per image
     c.AUG.MIXUP = 0.8  # mixup alpha; mixup is on when > 0
     c.AUG.CUTMIX = 1.0  # cutmix alpha; cutmix is on when > 0
@@ -169,7 +196,6 @@ def default_config() -> CN:
     # ---------------------------------------------------------------- evaluation
     c.TEST = CN()
     c.TEST.CROP = True  # resize to IMG_SIZE*256/224 (each side) then centre-crop; False resizes straight to IMG_SIZE
-    c.TEST.SEQUENTIAL = False  # shard validation in contiguous blocks (True) or strided (False); both exact
 
     # ---------------------------------------------------------------- mixed precision
     c.AMP = CN()
@@ -185,7 +211,9 @@ def default_config() -> CN:
     c.EVAL_MODE = False  # only evaluate the weights given by MODEL.RESUME or MODEL.PRETRAINED
     c.THROUGHPUT_MODE = False  # only measure inference throughput
     c.DEVICE = "auto"  # "auto" uses CUDA when available, else the CPU
-    c.CHANNELS_LAST = False  # channels-last memory format for the model and inputs
+    # Channels-last memory format for the model's weights (models.build_model) and its inputs (the loaders and
+    # engine), in training, evaluation and throughput alike; the results are the same, the speed may differ.
+    c.CHANNELS_LAST = False
     c.COMPILE = False  # wrap the model with torch.compile
     c.DETERMINISTIC = False  # deterministic kernels and no cuDNN benchmark (slower, reproducible)
     return c
@@ -219,6 +247,15 @@ POSITIVE = Allowed(lambda value: math.isfinite(value) and value > 0, "positive")
 PROBABILITY = _interval(0.0, 1.0)
 FRACTION = _interval(0.0, 1.0, high_open=True)  # a rate that must leave something: dropout, smoothing, betas
 
+STRIDE = 32  # the network's total stride (the stem's patch of 4, then three 2x mergings)
+
+
+def _input_size(value: Any) -> bool:
+    """One side, or [height, width], of positive integers divisible by the network's total stride."""
+    sides = value if isinstance(value, (list, tuple)) else (value, value)
+    return len(sides) == 2 and all(isinstance(side, int) and not isinstance(side, bool) and side > 0
+                                   and side % STRIDE == 0 for side in sides)
+
 
 def _augment_policy(policy: str) -> bool:
     """Whether timm's create_transform accepts the policy string (its parser picks the family by the prefix)."""
@@ -234,9 +271,13 @@ def _augment_policy(policy: str) -> bool:
 
 
 # Values each key accepts beyond its type (CHOICES aside), declared beside the defaults and checked whenever a file,
-# --opts or a flag sets the key, so that a bad value stops before any work, named with what is allowed. DATA.IMG_SIZE,
-# PATCH_SIZE and LAYERS are the network's to judge (check_architecture); AUG.CUTMIX_MINMAX is checked once merged.
+# --opts or a flag sets the key, so that a bad value stops before any work, named with what is allowed. The shape of
+# the network follows the rules that models/strip_mlp.py applies to its constructor's arguments (a stage width E,
+# 2E, 4E and 8E splits into the strip mixing's chunks exactly when E is a multiple of 8). AUG.CUTMIX_MINMAX is
+# checked once merged.
 LIMITS: dict[str, Allowed] = {
+    "DATA.IMG_SIZE": Allowed(_input_size, "one side or [height, width], positive integers divisible by 32 (the "
+                                          "network's total stride), e.g. 224 or [192, 256]"),
     "DATA.BATCH_SIZE": POSITIVE,
     "DATA.NUM_WORKERS": _at_least(0),
     "DATA.ZIP_MAX_MEMBER_MB": POSITIVE,
@@ -245,7 +286,13 @@ LIMITS: dict[str, Allowed] = {
     "MODEL.DROP_PATH_RATE": FRACTION,
     "MODEL.LABEL_SMOOTHING": FRACTION,
     "MODEL.STRIP_MLP.IN_CHANS": Allowed(lambda value: value == 3, "3 (the data loaders give RGB images)"),
-    "MODEL.STRIP_MLP.EMBED_DIM": POSITIVE,
+    "MODEL.STRIP_MLP.PATCH_SIZE": Allowed(lambda value: value == 4, "4 (the stem's patch; with three 2x mergings "
+                                                                    "the network downsamples by 32)"),
+    "MODEL.STRIP_MLP.EMBED_DIM": Allowed(lambda value: value > 0 and value % 8 == 0,
+                                         "a positive multiple of 8 (the strip mixing splits each stage's width into "
+                                         "chunks)"),
+    "MODEL.STRIP_MLP.LAYERS": Allowed(lambda layers: len(layers) == 4 and min(layers) >= 1,
+                                      "4 stage depths of at least one block each, e.g. [2, 2, 12, 2]"),
     "MODEL.STRIP_MLP.ALPHA": POSITIVE,
     "TRAIN.EPOCHS": POSITIVE,
     "TRAIN.WARMUP_EPOCHS": _at_least(0),
@@ -254,7 +301,7 @@ LIMITS: dict[str, Allowed] = {
     "TRAIN.WARMUP_LR": _at_least(0.0),
     "TRAIN.MIN_LR": _at_least(0.0),
     "TRAIN.CLIP_GRAD": _at_least(0.0),
-    "TRAIN.ACCUMULATION_STEPS": _at_least(0),
+    "TRAIN.ACCUMULATION_STEPS": _at_least(1),
     "TRAIN.LR_REFERENCE_BATCH": POSITIVE,
     "TRAIN.KEEP_CHECKPOINTS": _at_least(0),
     "TRAIN.SAVE_STEPS": _at_least(0),
@@ -318,21 +365,40 @@ def _coerce(value: Any, default: Any, key: str, source: str) -> Any:
 
 def _image_size_value(value: Any, key: str, source: str) -> int | tuple[int, int]:
     """DATA.IMG_SIZE as the config holds it: a side S, or (height, width) when the sides differ ([S, S] becomes S,
-    so square sizes read and dump as before). Whether the sides suit the network is checked once merged."""
+    so square sizes read and dump as before)."""
     if isinstance(value, str):  # --opts gives "224" or "[192, 256]"
         value = _parse_literal(value)
-    sides = tuple(value) if isinstance(value, (list, tuple)) else (value, value)
-    if len(sides) != 2 or not all(isinstance(side, int) and not isinstance(side, bool) for side in sides):
-        raise ConfigError(f"{source}: {key} must be one side or [height, width], integers divisible by 32 "
-                          f"(e.g. 224 or [192, 256]), got {value!r}")
-    height, width = sides
+    if not LIMITS[key].test(value):
+        raise ConfigError(f"{source}: {key} must be {LIMITS[key].words}, got {value!r}")
+    height, width = value if isinstance(value, (list, tuple)) else (value, value)
     return height if height == width else (height, width)
+
+
+def upgrade_saved(tree: Mapping[str, Any], source: str, prefix: str = "") -> dict[str, Any]:
+    """A config that a file or a checkpoint holds (nested mappings), as this version reads it: keys since removed
+    (REMOVED_KEYS) are left out and old values (OLD_VALUES) replaced, each with an OutdatedConfigWarning, so that
+    configs and checkpoints written by earlier versions still load."""
+    upgraded = {}
+    for name, value in tree.items():
+        key = f"{prefix}{name}"
+        if key in REMOVED_KEYS:
+            warnings.warn(OutdatedConfigWarning(source, key, f"was removed ({REMOVED_KEYS[key]}); its value is "
+                                                             "ignored"), stacklevel=2)
+            continue
+        if isinstance(value, Mapping):
+            value = upgrade_saved(value, source, f"{key}.")
+        elif key in OLD_VALUES and type(value) is type(OLD_VALUES[key][0]) and value == OLD_VALUES[key][0]:
+            old, new, why = OLD_VALUES[key]
+            warnings.warn(OutdatedConfigWarning(source, key, f"{old!r} reads as {new!r} ({why})"), stacklevel=2)
+            value = new
+        upgraded[name] = value
+    return upgraded
 
 
 def _set_key(config: CN, key: str, value: Any, source: str) -> None:
     """Set dotted ``key`` of a config under construction; nested mappings set their sub-keys."""
-    if key in REMOVED_KEYS:
-        raise ConfigError(f"{source}: {key} was removed: {REMOVED_KEYS[key]}")
+    if key in REMOVED_KEYS:  # files and checkpoints pass through upgrade_saved; this is the command line
+        raise ConfigError(f"{source}: {key} was removed ({REMOVED_KEYS[key]}); leave it out")
     parts = key.split(".")
     node = config
     for depth, name in enumerate(parts):
@@ -382,7 +448,7 @@ def _read_yaml(path: str) -> dict:
         return {}
     if not isinstance(content, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys at the top level, got {type(content).__name__}")
-    return content
+    return upgrade_saved(content, path)
 
 
 def _bases(path: str, content: dict) -> list[str]:
@@ -431,12 +497,6 @@ def _merge_file(config: CN, path: str) -> None:
 
 def _check_consistency(config: CN) -> None:
     """Checks that involve several keys, run once everything is merged."""
-    strip = config.MODEL.STRIP_MLP
-    try:  # the network's own rule, named by the keys that set it
-        check_architecture(ARCHITECTURE_KEYS, img_size=config.DATA.IMG_SIZE, patch_size=strip.PATCH_SIZE,
-                           embed_dim=strip.EMBED_DIM, layers=strip.LAYERS)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
     mixing = config.AUG.MIXUP > 0 or config.AUG.CUTMIX > 0 or config.AUG.CUTMIX_MINMAX is not None
     if mixing and config.DATA.BATCH_SIZE % 2:  # timm's Mixup pairs each image with its mirror in the batch
         raise ConfigError(f"DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} must be even while AUG.MIXUP or AUG.CUTMIX is on")
@@ -485,7 +545,7 @@ def _merge_opts(config: CN, opts: Sequence[str]) -> None:
 def config_from_text(text: str, source: str, opts: Sequence[str] = ()) -> CN:
     """The frozen config a checkpoint saved (a full YAML dump), with ``KEY VALUE`` overrides.
 
-    Keys that later versions removed (REMOVED_KEYS) are passed over, so older checkpoints keep working.
+    What earlier versions saved is read as :func:`upgrade_saved` says, so older checkpoints keep working.
     """
     try:
         content = yaml.safe_load(text)
@@ -494,9 +554,8 @@ def config_from_text(text: str, source: str, opts: Sequence[str] = ()) -> CN:
     if not isinstance(content, dict):
         raise ConfigError(f"{source}: its saved config is not a mapping of keys; give --cfg FILE")
     config = default_config()
-    for key, value in _flatten(content):
-        if key not in REMOVED_KEYS:
-            _set_key(config, key, value, source)
+    for key, value in _flatten(upgrade_saved(content, source)):
+        _set_key(config, key, value, source)
     _merge_opts(config, opts)
     _check_consistency(config)
     config.freeze()
@@ -562,7 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--accumulation-steps", type=int, help="gradient accumulation steps")
     parser.add_argument("--use-checkpoint", action="store_true", help="activation checkpointing to save memory")
     parser.add_argument("--amp", action="store_true", help="mixed precision (AMP.ENABLE)")
-    parser.add_argument("--amp-dtype", choices=CHOICES["AMP.DTYPE"], help="mixed-precision dtype (AMP.DTYPE)")
+    parser.add_argument("--amp-dtype", choices=AMP_DTYPES, help="mixed-precision dtype (AMP.DTYPE)")
     parser.add_argument("--amp-opt-level", choices=("O0", "O1", "O2"),
                         help="deprecated apex level from the release: O0 is off, O1/O2 mean --amp --amp-dtype float16")
     parser.add_argument("--output", type=str, metavar="PATH", help="output root; the run writes to PATH/NAME/TAG")
@@ -574,7 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_rank", "--local-rank", type=int, dest="local_rank", help=argparse.SUPPRESS)
     parser.add_argument("--zip", action="store_true",
                         help="read train.zip/val.zip with their map files, Swin's packed format (DATA.ZIP_MODE)")
-    parser.add_argument("--cache-mode", choices=CHOICES["DATA.CACHE_MODE"],
+    parser.add_argument("--cache-mode", choices=CACHE_MODES,
                         help="with --zip: hold no, this process's part, or all of the members in memory "
                              "(DATA.CACHE_MODE)")
     return parser

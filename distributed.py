@@ -21,7 +21,6 @@ import torch.distributed as dist
 
 from utils import RunError
 
-DEVICES = ("auto", "cpu", "cuda")
 # The signals that ask a run to stop: those a cluster sends before it stops a job (SLURM: --signal=USR1@<seconds>,
 # and TERM at preemption), and Ctrl-C's. The exit status of a run that stopped for one after saving where it was
 # (sysexits' EX_TEMPFAIL); a run ended at once by one exits with 128 + the signal's number, as a shell reports it.
@@ -58,13 +57,12 @@ class DistEnv:
 
 
 def resolve_device(choice: str, local_rank: int) -> torch.device:
-    """Map DEVICE ('auto', 'cpu' or 'cuda') to this process's device; 'auto' prefers CUDA when present.
+    """Map DEVICE (one of config.DEVICES: 'auto', 'cpu' or 'cuda') to this process's device; 'auto' prefers CUDA
+    when present.
 
     Where the launcher shows each process only its own GPUs (srun --gpus-per-task), the local rank is
     taken modulo the visible devices.
     """
-    if choice not in DEVICES:
-        raise RunError(f"Invalid DEVICE {choice!r}. Only {', '.join(DEVICES)} are supported.")
     if choice == "cuda" and not torch.cuda.is_available():
         raise RunError("DEVICE is 'cuda' but no CUDA device is visible; use DEVICE auto or cpu.")
     if choice == "cpu" or not torch.cuda.is_available():

@@ -31,8 +31,6 @@ from measure import images_per_second, peak_memory_mb, time_paired
 from reports import ClassTally
 from utils import position_seed, seed_everything, unwrap_model
 
-AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 @dataclass(frozen=True)
 class StepSettings:
@@ -53,9 +51,9 @@ class StepSettings:
         return cls(
             env=env,
             amp_enabled=config.AMP.ENABLE,
-            amp_dtype=AMP_DTYPES[config.AMP.DTYPE],
+            amp_dtype=getattr(torch, config.AMP.DTYPE),  # one of config.AMP_DTYPES
             channels_last=config.CHANNELS_LAST,
-            accumulation_steps=max(config.TRAIN.ACCUMULATION_STEPS, 1),
+            accumulation_steps=config.TRAIN.ACCUMULATION_STEPS,
             clip_grad=config.TRAIN.CLIP_GRAD,
             print_freq=config.PRINT_FREQ,
             epochs=config.TRAIN.EPOCHS,

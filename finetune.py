@@ -20,10 +20,6 @@ import torch
 from timm.models import group_parameters
 from torch import nn
 
-# TRAIN.FREEZE: "" trains everything; "backbone" trains the classifier alone (a linear probe on fixed features);
-# "stageK" freezes the stem and stages 1..K, with the merging and skip layers that feed them.
-FREEZE_MODES = ("", "backbone", "stage1", "stage2", "stage3", "stage4")
-
 
 def _label(index: int, count: int, names: list[str], coarse: bool) -> str:
     if index == 0:
@@ -46,9 +42,9 @@ def layer_groups(model: nn.Module, coarse: bool = False) -> list[tuple[str, list
 
 
 def frozen_parameter_names(model: nn.Module, mode: str) -> list[str]:
-    """The parameters that TRAIN.FREEZE ``mode`` freezes (see FREEZE_MODES)."""
-    if mode not in FREEZE_MODES:
-        raise ValueError(f"unknown TRAIN.FREEZE {mode!r}; valid: {', '.join(repr(m) for m in FREEZE_MODES)}")
+    """The parameters that TRAIN.FREEZE ``mode`` (one of config.FREEZE_MODES) freezes: none for ""; all but the
+    classifier's for "backbone" (a linear probe on fixed features); for "stageK" the stem's and those of stages 1..K,
+    with the merging and skip layers that feed them."""
     if not mode:
         return []
     if mode == "backbone":

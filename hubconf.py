@@ -7,22 +7,26 @@
 Keywords go to ``StripMLPNet`` (``num_classes``, ``img_size``, ``drop_path_rate``, ...). Nothing is downloaded: the
 release's weights have no fixed address, so ``checkpoint=FILE`` loads a checkpoint of ours or the release's from
 disk, read as weights only and checked name by name against the model.
+
+Building a network needs only torch, timm and ``models``; reading a checkpoint uses the training code's loader,
+which also needs the rest of requirements.txt (PyYAML, yacs, ...).
 """
 
 from torch import nn
 
-import checkpoint as _checkpoint
 import models as _models  # registers the variants with timm
 
-dependencies = ["torch", "torchvision", "timm", "yacs", "termcolor"]
+dependencies = ["torch", "timm"]
 
 
 def _build(variant: str, pretrained: bool, checkpoint: str | None, **kwargs) -> nn.Module:
     if pretrained:
         raise ValueError(f"{variant}: the release's weights cannot be downloaded from a fixed address; download "
                          "them yourself and pass checkpoint='FILE' instead of pretrained=True")
-    model = _models.strip_mlp.StripMLPNet(**{**_models.VARIANTS[variant], **kwargs})
+    model = _models.StripMLPNet(**{**_models.VARIANTS[variant], **kwargs})
     if checkpoint is not None:
+        import checkpoint as _checkpoint  # only here: the loader brings the training code's requirements
+
         weights = _checkpoint.load_checkpoint_file(checkpoint)
         model.load_state_dict(_checkpoint.fit_state_dict(weights, model, checkpoint))
     return model

@@ -12,9 +12,6 @@ from timm.scheduler import CosineLRScheduler, PolyLRScheduler, StepLRScheduler
 from timm.scheduler.scheduler import Scheduler
 from yacs.config import CfgNode
 
-SCHEDULERS = ("cosine", "linear", "step")
-LR_SCALINGS = ("linear", "none")
-
 
 @dataclass(frozen=True)
 class LearningRates:
@@ -33,15 +30,9 @@ def effective_learning_rates(config: CfgNode, world_size: int) -> LearningRates:
     by TRAIN.LR_REFERENCE_BATCH (512), as Swin does; 'none' uses them as given, which is what the release
     effectively trained with.
     """
-    scaling = config.TRAIN.LR_SCALING
-    if scaling == "linear":
-        accumulation = max(config.TRAIN.ACCUMULATION_STEPS, 1)  # 0 and 1 both mean no accumulation
-        scale = config.DATA.BATCH_SIZE * world_size * accumulation / config.TRAIN.LR_REFERENCE_BATCH
-    elif scaling == "none":
-        scale = 1.0
-    else:
-        raise ValueError(f"Invalid TRAIN.LR_SCALING {scaling!r}. Only {', '.join(LR_SCALINGS)} are supported.")
     train = config.TRAIN
+    total_batch = config.DATA.BATCH_SIZE * world_size * train.ACCUMULATION_STEPS
+    scale = total_batch / train.LR_REFERENCE_BATCH if train.LR_SCALING == "linear" else 1.0
     return LearningRates(base=train.BASE_LR * scale, warmup=train.WARMUP_LR * scale, minimum=train.MIN_LR * scale,
                          scale=scale)
 
@@ -57,18 +48,14 @@ def build_scheduler(config: CfgNode, optimizer: torch.optim.Optimizer, updates_p
     total = int(train.EPOCHS * updates_per_epoch)
     warmup = int(train.WARMUP_EPOCHS * updates_per_epoch)
     common = {"warmup_t": warmup, "warmup_lr_init": lrs.warmup, "warmup_prefix": True, "t_in_epochs": False}
-    name = train.LR_SCHEDULER.NAME.lower()
+    name = train.LR_SCHEDULER.NAME  # one of config.SCHEDULERS
     if name == "cosine":
         return CosineLRScheduler(optimizer, t_initial=max(total - warmup, 1), lr_min=lrs.minimum, **common)
     if name == "linear":
         # A polynomial decay of power 1 is a straight line from the base rate to the minimum.
         return PolyLRScheduler(optimizer, t_initial=max(total - warmup, 1), power=1.0, lr_min=lrs.minimum, **common)
-    if name == "step":
-        decay_t = max(int(train.LR_SCHEDULER.DECAY_EPOCHS * updates_per_epoch), 1)
-        return StepLRScheduler(optimizer, decay_t=decay_t, decay_rate=train.LR_SCHEDULER.DECAY_RATE, **common)
-    raise ValueError(
-        f"Invalid TRAIN.LR_SCHEDULER.NAME {train.LR_SCHEDULER.NAME!r}. Only {', '.join(SCHEDULERS)} are supported."
-    )
+    decay_t = max(int(train.LR_SCHEDULER.DECAY_EPOCHS * updates_per_epoch), 1)  # "step"
+    return StepLRScheduler(optimizer, decay_t=decay_t, decay_rate=train.LR_SCHEDULER.DECAY_RATE, **common)
 
 
 def scheduled_lr(optimizer: torch.optim.Optimizer) -> float:

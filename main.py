@@ -45,6 +45,7 @@ from distributed import (
     any_rank,
     configure_backends,
     destroy_distributed,
+    ignore_preemption_signals,
     init_distributed,
     on_rank0,
     requeue_slurm_job,
@@ -103,9 +104,7 @@ def check_request(config: CfgNode, env: DistEnv) -> None:
 def build_network(config: CfgNode, env: DistEnv, logger: logging.Logger) -> nn.Module:
     """The model on this process's device; the same initial weights on every rank."""
     seed_everything(config.SEED)
-    model = build_model(config).to(env.device)
-    if config.CHANNELS_LAST:
-        model = model.to(memory_format=torch.channels_last)
+    model = build_model(config).to(env.device)  # keeps the memory format that CHANNELS_LAST gave it
     if config.TRAIN.SYNC_BN and env.distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     logger.info(f"{config.MODEL.NAME}: {sum(p.numel() for p in model.parameters()):,} parameters")
@@ -115,7 +114,8 @@ def build_network(config: CfgNode, env: DistEnv, logger: logging.Logger) -> nn.M
 def evaluate_only(config: CfgNode, env: DistEnv, logger: logging.Logger) -> int:
     """``--eval`` (the weights must fit the model's variant and classes; another input size is resampled) or
     ``--throughput``; no training data."""
-    loaders = build_loader(config, env.rank, env.world_size, train=False, device=env.device)
+    loaders = build_loader(config, env.rank, env.world_size, train=False, device=env.device,
+                           worker_init_fn=ignore_preemption_signals)
     settings = StepSettings.from_config(config, env)
     model = build_network(config, env, logger)
     if config.EVAL_MODE:
@@ -148,7 +148,8 @@ class TrainingSetup(NamedTuple):
 
 
 def set_up_training(config: CfgNode, env: DistEnv, logger: logging.Logger) -> TrainingSetup:
-    loaders = build_loader(config, env.rank, env.world_size, device=env.device)
+    loaders = build_loader(config, env.rank, env.world_size, device=env.device,
+                           worker_init_fn=ignore_preemption_signals)
     settings = StepSettings.from_config(config, env)
     model = build_network(config, env, logger)
     lrs = effective_learning_rates(config, env.world_size)

@@ -15,8 +15,6 @@ from timm.optim import param_groups_layer_decay
 from torch import nn
 from yacs.config import CfgNode
 
-OPTIMIZERS = ("adamw", "sgd")
-
 
 def is_decayed(name: str, param: torch.Tensor, skip_keywords: Iterable[str] = ()) -> bool:
     """Whether weight decay applies to the parameter ``name``."""
@@ -70,11 +68,8 @@ def build_optimizer(config: CfgNode, model: nn.Module, lr: float) -> torch.optim
     else:
         groups = parameter_groups(model, train.WEIGHT_DECAY, skip_keywords)
     opt = train.OPTIMIZER
-    name = opt.NAME.lower()
-    if name == "adamw":
+    if opt.NAME == "adamw":  # else "sgd", the other of config.OPTIMIZERS
         # The fused CUDA kernel updates every parameter in one launch; it exists for CUDA tensors only.
         fused = all(p.is_cuda for group in groups for p in group["params"]) or None
         return torch.optim.AdamW(groups, lr=lr, eps=opt.EPS, betas=tuple(opt.BETAS), fused=fused)
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=opt.MOMENTUM, nesterov=True)
-    raise ValueError(f"Invalid TRAIN.OPTIMIZER.NAME {opt.NAME!r}. Only {', '.join(OPTIMIZERS)} are supported.")
+    return torch.optim.SGD(groups, lr=lr, momentum=opt.MOMENTUM, nesterov=True)

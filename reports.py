@@ -5,16 +5,21 @@ Everything tallied here is a count (images of true class t predicted as p, image
 rank 0 and put back in dataset order by each sample's index. Only rank 0 writes the files.
 """
 
+from __future__ import annotations
+
 import csv
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from data import SampleDataset
 from distributed import DistEnv, all_reduce_sum, gather_to_rank0
+
+if TYPE_CHECKING:
+    from data import SampleDataset
 
 # Training logs the mean per-class accuracy of each epoch for fewer classes than this: on large, balanced
 # validation sets such as ImageNet's (50 images per class) it says little beyond Acc@1.

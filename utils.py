@@ -1,17 +1,15 @@
-"""Small helpers shared by the run: the user-facing error class, output folders, seeding and RNG states, model
-unwrapping, and the input size a config sets."""
+"""Small helpers shared by the run and the network: the user-facing error class, output folders, seeding and RNG
+states, model unwrapping, and input sizes as (height, width). Nothing here imports a module of this project, so
+that every module, config.py and models/ included, may import it."""
 
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from yacs.config import CfgNode
-
-import models
 
 
 class RunError(RuntimeError):
@@ -100,7 +98,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def image_size(config: CfgNode) -> tuple[int, int]:
-    """The network's input size (height, width) that DATA.IMG_SIZE sets, whether it holds one side (square inputs)
-    or (H, W); everything that sizes an input reads it here."""
-    return models.image_size(config.DATA.IMG_SIZE)
+def image_size(img_size: int | Sequence[int]) -> tuple[int, int]:
+    """(height, width) of an input size given as one side (square inputs) or as (height, width), as DATA.IMG_SIZE
+    and the network's ``img_size`` hold it; everything that sizes an input reads it here."""
+    return (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)

@@ -1,13 +1,12 @@
 """Datasets, samplers and loaders for training and validation, chosen by DATA.DATASET."""
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from timm.data import Mixup
 from torch.utils.data import DataLoader
 from yacs.config import CfgNode
-
-from distributed import ignore_preemption_signals
 
 from .datasets import CIFAR_KINDS, FOLDER_LAYOUTS, DataError, cifar_split, image_folder_split
 from .demo import make_demo_digits
@@ -17,9 +16,7 @@ from .samples import SampleDataset
 from .transforms import build_transform
 from .zipped import ZipImageFolder, zip_split
 
-DATASETS = (*FOLDER_LAYOUTS, *CIFAR_KINDS)
 ZIP_DATASETS = tuple(kind for kind in FOLDER_LAYOUTS if kind != "demo")  # the demo writes its own folders
-MIXUP_MODES = ("batch", "pair", "elem")  # timm's Mixup draws its parameters per batch, pair or element
 
 
 class Loaders(NamedTuple):
@@ -44,8 +41,6 @@ def build_dataset(is_train: bool, config: CfgNode) -> SampleDataset:
     root = config.DATA.DATA_PATH
     split = "train" if is_train else "val"
     transform = build_transform(is_train, config)
-    if kind not in DATASETS:
-        raise DataError(f"unknown DATA.DATASET {kind!r}; valid: {', '.join(DATASETS)}")
     if config.DATA.ZIP_MODE:
         if kind not in ZIP_DATASETS:
             raise DataError(f"DATA.ZIP_MODE reads packed image folders ({', '.join(ZIP_DATASETS)}), not {kind}; "
@@ -98,7 +93,7 @@ def _cache_members(dataset: SampleDataset, mode: str, shard: range | ShardSample
 
 
 def build_loader(config: CfgNode, rank: int = 0, world_size: int = 1, train: bool = True,
-                 device: torch.device | str = "cpu") -> Loaders:
+                 device: torch.device | str = "cpu", worker_init_fn: Callable[[int], None] | None = None) -> Loaders:
     """Datasets, loaders and the mixup function for process ``rank`` of ``world_size``.
 
     The loaders yield batches on ``device`` (see DeviceLoader): images float32, normalised, and for training
@@ -107,7 +102,9 @@ def build_loader(config: CfgNode, rank: int = 0, world_size: int = 1, train: boo
     first k samples of this process's share; it drops the last incomplete batch. Validation gives every sample
     to exactly one process (see ShardSampler), so that sums of correct predictions over processes are exact.
     ``train=False`` (evaluation, throughput) reads only the validation split, never the training one, and
-    returns None for the training dataset, loader and mixup function.
+    returns None for the training dataset, loader and mixup function. Each loader worker runs ``worker_init_fn``
+    (given its id) as it starts; main.py passes distributed.ignore_preemption_signals, so that the stop signals a
+    cluster sends every process reach the main process alone, which handles them.
     Batches are :class:`~data.samples.Sample` of tensors (``bad`` a tuple of strings).
     The "demo" dataset is written to DATA.DATA_PATH first if it is not there yet.
     """
@@ -124,10 +121,10 @@ def build_loader(config: CfgNode, rank: int = 0, world_size: int = 1, train: boo
         # Pinning only helps copies to a GPU (and warns without one).
         "pin_memory": config.DATA.PIN_MEMORY and torch.device(device).type == "cuda",
         "persistent_workers": config.DATA.PERSISTENT_WORKERS and workers > 0,
-        "worker_init_fn": ignore_preemption_signals,  # a preemption signal is the main process's to handle
+        "worker_init_fn": worker_init_fn,
     }
     memory_format = torch.channels_last if config.CHANNELS_LAST else torch.contiguous_format
-    sampler_val = ShardSampler(len(dataset_val), rank, world_size, contiguous=config.TEST.SEQUENTIAL)
+    sampler_val = ShardSampler(len(dataset_val), rank, world_size)
     _cache_members(dataset_val, config.DATA.CACHE_MODE, sampler_val)
     loader_val = DeviceLoader(DataLoader(dataset_val, sampler=sampler_val, drop_last=False, **common), device,
                               memory_format=memory_format)

@@ -85,18 +85,13 @@ class ShardSampler(Sampler[int]):
     Args:
         num_samples: size of the dataset.
         rank: this process's index, 0 <= rank < world_size.
-        world_size: number of processes.
-        contiguous: True gives each process one block of consecutive indices; False takes every
-            world_size-th index starting at rank.
+        world_size: number of processes; process ``rank`` takes every ``world_size``-th index from ``rank`` on.
     """
 
-    def __init__(self, num_samples: int, rank: int, world_size: int, contiguous: bool = False) -> None:
+    def __init__(self, num_samples: int, rank: int, world_size: int) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside a world of {world_size} processes")
-        if contiguous:
-            self.indices = range(num_samples * rank // world_size, num_samples * (rank + 1) // world_size)
-        else:
-            self.indices = range(rank, num_samples, world_size)
+        self.indices = range(rank, num_samples, world_size)
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices)

@@ -25,9 +25,6 @@ from torch.utils.data import Dataset, get_worker_info
 
 from .datasets import DataError, UnreadableImageError
 
-# Values of DATA.BAD_IMAGE: "skip" trains past unreadable images (logging each), "error" stops the run.
-BAD_IMAGE_POLICIES: tuple[str, ...] = ("skip", "error")
-
 
 class SampleKey(NamedTuple):
     """What a training sampler asks a SampleDataset for: a dataset index in an epoch.

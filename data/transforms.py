@@ -32,9 +32,6 @@ SMALL_IMAGE_SIDE = 32
 # Evaluation resizes to 1 / EVAL_CROP_PCT of the input size, then centre-crops (ImageNet's 224 of 256).
 EVAL_CROP_PCT = 224 / 256
 
-INTERPOLATIONS = ("bicubic", "bilinear")
-RANDOM_ERASING_MODES = ("pixel", "rand", "const")  # timm's RandomErasing fills
-
 # A JPEG is decoded at 1/2, 1/4 or 1/8 of its size only while the crop keeps at least this many times the
 # output size: the antialiased resize that follows still reduces by 2x or more, which Pillow deems
 # indistinguishable from a full-size resample (the default reducing_gap of Image.thumbnail, which drafts
@@ -132,7 +129,7 @@ def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
 def build_transform(is_train: bool, config: CfgNode) -> Callable[[EncodedImage | Image.Image], torch.Tensor]:
     """The training (augmenting) or evaluation transform for DATA.IMG_SIZE inputs: an EncodedImage (or a decoded
     Pillow image, as CIFAR's) to a uint8 (3, H, W) tensor."""
-    size = image_size(config)  # (H, W)
+    size = image_size(config.DATA.IMG_SIZE)  # (H, W)
     small = max(size) <= SMALL_IMAGE_SIDE
     interpolation = config.DATA.INTERPOLATION
     if is_train:

@@ -32,9 +32,6 @@ from torch.utils.data import Dataset
 
 from .datasets import DataError, EncodedImage, UnreadableImageError, describe_error
 
-# Values of DATA.CACHE_MODE; see the module docstring.
-CACHE_MODES: tuple[str, ...] = ("no", "part", "full")
-
 ZIP_LAYOUT = ("train.zip and val.zip, each with a map file beside it (train_map.txt: one 'PATH<TAB>LABEL' line "
               "per image), as tools/make_zip_dataset.py writes them")
 

@@ -23,13 +23,13 @@ from timm.models._features import feature_take_indices
 from torch import nn
 
 from compat import record_input_size
+from utils import image_size
 
 from .layers import GRN, PointwiseLinear, RelativePosition, StripProjection, WideDepthwiseConv2d, checkpointed
 from .resample import resample_to_model
 
 _logger = logging.getLogger(__name__)  # for weights loaded through timm, which passes no logger
 
-DROP_PATH_SCHEDULES = ("uniform", "linear")
 GLOBAL_POOLS = ("avg", "")  # the mean over H and W, or none (the head then takes the (N, C, H, W) maps)
 STRIDE = 32  # the stem's 4 and three 2x downsamplings: an input side must be a multiple of it
 
@@ -206,44 +206,34 @@ class BasicBlock(nn.Module):
         return x + self.drop_path(self.channel_mixing(x))
 
 
-def image_size(img_size: int | Sequence[int]) -> tuple[int, int]:
-    """(H, W) of an input size given as one side (square) or as (H, W)."""
-    return (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-
-
-def check_img_size(img_size: int | Sequence[int], name: str = "img_size") -> None:
+def check_img_size(img_size: int | Sequence[int]) -> None:
     """Refuse an input size that is not one side, or H and W, each a positive multiple of 32."""
     sides = image_size(img_size)
     if len(sides) != 2 or not all(isinstance(side, int) and side > 0 and side % STRIDE == 0 for side in sides):
         fixed = [max(STRIDE, side // STRIDE * STRIDE) if isinstance(side, int) else 224 for side in sides[:2]]
         shown, fix = (img_size, fixed[0]) if isinstance(img_size, int) else (list(img_size), fixed)
-        raise ValueError(f"{name} {shown} must be a positive multiple of 32, or [H, W] of two (the stem's "
+        raise ValueError(f"img_size {shown} must be a positive multiple of 32, or [H, W] of two (the stem's "
                          f"4 x 2^3 stage downsamplings); use e.g. {fix}")
 
 
-def check_architecture(names: Mapping[str, str] | None = None, **arguments: int | Sequence[int]) -> None:
+def check_architecture(img_size: int | Sequence[int], patch_size: int, embed_dim: int, layers: Sequence[int]
+                       ) -> None:
     """Refuse arguments the network cannot be built with: the four stages, the stem's patch of 4, an input
     size (one side, or H and W) divisible by the total stride 32, and stage widths that the strip mixing can split.
-
-    Args:
-        names: what to call each argument in the message (the config names its keys); the keyword by default.
-        arguments: ``img_size``, ``patch_size``, ``embed_dim`` and ``layers``.
+    (config.py states the same rules for the keys that set these.)
 
     Raises:
         ValueError: naming the argument, the value and what would do.
     """
-    names = {key: (names or {}).get(key, key) for key in arguments}
-    img_size, patch_size, embed_dim, layers = (arguments[key] for key in ("img_size", "patch_size", "embed_dim",
-                                                                           "layers"))
     if len(layers) != 4 or min(layers) < 1:
-        raise ValueError(f"{names['layers']} must give 4 stage depths of at least one block, got {list(layers)}")
+        raise ValueError(f"layers must give 4 stage depths of at least one block, got {list(layers)}")
     if patch_size != 4:
-        raise ValueError(f"{names['patch_size']} {patch_size} is not supported; the network downsamples by 4 x 8 = 32")
-    check_img_size(img_size, names["img_size"])
+        raise ValueError(f"patch_size {patch_size} is not supported; the network downsamples by 4 x 8 = 32")
+    check_img_size(img_size)
     for channels in (embed_dim, 2 * embed_dim, 4 * embed_dim, 8 * embed_dim):
         if channels % (2 * strip_chunks(channels)) != 0:
             raise ValueError(
-                f"{names['embed_dim']} {embed_dim} cannot be split by the strip mixing: stage width {channels} must "
+                f"embed_dim {embed_dim} cannot be split by the strip mixing: stage width {channels} must "
                 f"be divisible by {2 * strip_chunks(channels)}; use a multiple of 8 such as {embed_dim // 8 * 8 or 8}")
 
 
@@ -326,9 +316,13 @@ class StripMLPNet(nn.Module):
         super().__init__()
         check_architecture(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, layers=layers)
         check_head(num_classes, global_pool)
-        if drop_path_schedule not in DROP_PATH_SCHEDULES:
-            raise ValueError(
-                f"unknown drop path schedule {drop_path_schedule!r}; valid: {', '.join(DROP_PATH_SCHEDULES)}")
+        total = sum(layers)
+        if drop_path_schedule == "uniform":
+            rates = [drop_path_rate] * total
+        elif drop_path_schedule == "linear":
+            rates = torch.linspace(0, drop_path_rate, total).tolist()
+        else:
+            raise ValueError(f"unknown drop path schedule {drop_path_schedule!r}; valid: uniform, linear")
 
         self.img_size = image_size(img_size)  # (H, W)
         self.in_chans = in_chans
@@ -342,11 +336,6 @@ class StripMLPNet(nn.Module):
             {"num_chs": embed_dim * 2 ** i, "reduction": patch_size * 2 ** i, "module": f"blocks{i + 1}"}
             for i in range(len(layers))]
         height, width = (side // patch_size for side in self.img_size)
-        total = sum(layers)
-        if drop_path_schedule == "linear":
-            rates = torch.linspace(0, drop_path_rate, total).tolist()
-        else:
-            rates = [drop_path_rate] * total
 
         self.patch_embed = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size, bias=False)
         stages = []

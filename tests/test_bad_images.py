@@ -9,8 +9,8 @@ from conftest import write_images
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from config import load_config
-from data import BAD_IMAGE_POLICIES, DataError, Sample, build_dataset
+from config import BAD_IMAGE_POLICIES, load_config
+from data import DataError, Sample, build_dataset
 from data.samples import max_consecutive_bad
 
 REPO = Path(__file__).resolve().parents[1]

@@ -27,6 +27,7 @@ from checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
+from config import OutdatedConfigWarning, load_config
 from logger import create_logger
 from models import StripMLPNet
 from utils import rng_state, set_rng_state
@@ -290,3 +291,16 @@ def test_weights_of_another_size_are_resampled_except_for_a_resumed_run() -> Non
     with pytest.raises(CheckpointError, match=r"weights.pth: .*proj_h.weight: checkpoint \(8, 8, 1, 3\) vs model "
                                               r"\(16, 16, 1, 3\)"):
         fit_state_dict(weights, larger, "weights.pth", resample=False)
+
+
+def test_the_saved_config_of_the_previous_version_reads_as_this_version_reads_it() -> None:
+    """What resuming compares: ACCUMULATION_STEPS 0 (the previous version's no accumulation) is 1 and TEST.SEQUENTIAL
+    is gone, so a checkpoint of that version resumes as saved by this one, with no schedule change to log."""
+    config = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "demo" / "strip_mlp_demo.yaml"))
+    old = config.dump().replace("TEST:\n", "TEST:\n  SEQUENTIAL: false\n").replace("ACCUMULATION_STEPS: 1\n",
+                                                                                  "ACCUMULATION_STEPS: 0\n")
+    assert old.count("SEQUENTIAL") == 1 and old.count("ACCUMULATION_STEPS: 0\n") == 1
+    with pytest.warns(OutdatedConfigWarning):
+        saved = checkpoint.saved_config({"config": old})
+    assert saved["TRAIN"]["ACCUMULATION_STEPS"] == 1 and "SEQUENTIAL" not in saved["TEST"]
+    assert checkpoint.schedule_changes(saved, config) == []

@@ -182,10 +182,9 @@ def test_batch_larger_than_a_shard_is_refused(image_folder: Callable) -> None:
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
-@pytest.mark.parametrize("contiguous", [False, True])
 @pytest.mark.parametrize("num_samples", [0, 1, 10, 11])
-def test_validation_shards_cover_every_sample_once(world_size: int, contiguous: bool, num_samples: int) -> None:
-    shards = [list(ShardSampler(num_samples, rank, world_size, contiguous)) for rank in range(world_size)]
+def test_validation_shards_cover_every_sample_once(world_size: int, num_samples: int) -> None:
+    shards = [list(ShardSampler(num_samples, rank, world_size)) for rank in range(world_size)]
     seen = [index for shard in shards for index in shard]
     assert sorted(seen) == list(range(num_samples))
     assert max(map(len, shards)) - min(map(len, shards)) <= 1

@@ -291,3 +291,24 @@ def test_cuda_float16_with_scaler_channels_last(compile_model: bool) -> None:
     assert math.isfinite(stats["train_loss"]) and state.global_step == 2
     metrics = validate(state.model, data, run, LOGGER)
     assert metrics["images"] == 16
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_channels_last_reaches_the_model_in_training_evaluation_and_throughput(channels_last: bool) -> None:
+    """CHANNELS_LAST, read from the config, sets the layout of every input the model gets (the model's own weights
+    follow it in models.build_model)."""
+    from config import default_config
+
+    config = default_config()
+    config.merge_from_list(["CHANNELS_LAST", channels_last, "PRINT_FREQ", 1])
+    run = StepSettings.from_config(config, CPU)
+    torch.manual_seed(0)
+    model = StripMLPNet(img_size=32, num_classes=4, embed_dim=8, layers=(1, 1, 1, 1), drop_path_rate=0.0)
+    layouts = []
+    model.register_forward_pre_hook(
+        lambda module, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    data = [sample_batch(torch.randn(2, 3, 32, 32), torch.tensor([0, 3]))]  # contiguous, as a loader may give them
+    train_one_epoch(make_state(model), data, 0, run, LOGGER)
+    validate(model, data, run, LOGGER)
+    throughput(model, data[0].image, run, LOGGER, warmup=1, repeats=1)
+    assert len(layouts) >= 3 and set(layouts) == {channels_last}

@@ -15,10 +15,10 @@ from yacs.config import CfgNode
 
 import main
 from checkpoint import load_checkpoint_file
-from config import CHOICES, ConfigError, default_config, load_config
+from config import CHOICES, FREEZE_MODES, ConfigError, default_config, load_config
 from distributed import DistEnv
 from engine import OptimizationState, StepSettings, average_bn_statistics, train_one_epoch
-from finetune import FREEZE_MODES, freeze, frozen_norms, layer_groups, layer_scales
+from finetune import freeze, frozen_norms, layer_groups, layer_scales
 from lr_scheduler import build_scheduler, effective_learning_rates, scheduled_lr
 from models import StripMLPNet
 from optimizer import build_optimizer, is_decayed

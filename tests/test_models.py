@@ -83,15 +83,31 @@ def test_build_model_maps_config_keys() -> None:
                   "DROP_PATH_SCHEDULE": "linear",
                   "STRIP_MLP": {"PATCH_SIZE": 4, "IN_CHANS": 3, "EMBED_DIM": 16, "LAYERS": [1, 1, 2, 1], "ALPHA": 2}},
         "TRAIN": {"USE_CHECKPOINT": True},
+        "CHANNELS_LAST": False,
     })
     model = models.build_model(config)
     assert model.img_size == (64, 64) and model.head.out_features == 5 and model.grad_checkpointing
     assert model.blocks1[0].channel_mixing.fc1.out_features == 32
     assert model.blocks4[0].drop_path.drop_prob == pytest.approx(0.3) and model.head_drop.p == 0.2
-    config.defrost()
-    config.MODEL.TYPE = "swin"
-    with pytest.raises(ValueError, match="unknown MODEL.TYPE 'swin'; valid: strip_mlp"):
-        models.build_model(config)
+    assert model.patch_embed.weight.is_contiguous()
+
+
+def test_channels_last_config_gives_channels_last_weights_and_the_same_logits() -> None:
+    """CHANNELS_LAST is honoured where every run and tool builds its model (build_model): each 4-D weight is laid
+    out channels-last, and the outputs are those of the contiguous model."""
+    from config import default_config
+
+    config = default_config()
+    config.merge_from_list(["DATA.IMG_SIZE", 64, "MODEL.NUM_CLASSES", 10, "MODEL.STRIP_MLP.EMBED_DIM", 16,
+                            "MODEL.STRIP_MLP.LAYERS", [1, 1, 2, 1], "CHANNELS_LAST", True])
+    torch.manual_seed(0)
+    model = models.build_model(config).eval()
+    four_d = [p for p in model.parameters() if p.ndim == 4]
+    assert four_d and all(p.is_contiguous(memory_format=torch.channels_last) for p in four_d)
+    assert not model.patch_embed.weight.is_contiguous()  # (16, 3, 4, 4): the two layouts differ
+    contiguous = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(model(x.contiguous(memory_format=torch.channels_last)), contiguous(x))
 
 
 def test_gradients_reach_every_parameter() -> None:

@@ -77,7 +77,7 @@ def test_nothing_predictable_or_bad_arguments_give_one_line(tiny_run: TinyRun, t
         ([*resume, str(tmp_path), "--output", str(tmp_path / "out.txt")], "expected a file name ending in .csv"),
         (["--resume", str(tmp_path / "bad.png"), str(tmp_path)], "truncated or corrupt"),
         ([*resume, str(tmp_path), "--opts", "DATA.IMG_SIZE", "30"],
-         "DATA.IMG_SIZE 30 must be a positive multiple of 32"),
+         "DATA.IMG_SIZE must be one side or [height, width], positive integers divisible by 32"),
     ]
     for args, message in cases:
         assert predict.main(args) == 1, args

@@ -87,7 +87,7 @@ def release_transform(config: object) -> Callable:
     """The release's training transform, as data/transforms.py built it before the device-side step."""
     aug = config.AUG
     return create_transform(
-        input_size=image_size(config),
+        input_size=image_size(config.DATA.IMG_SIZE),
         is_training=True,
         color_jitter=aug.COLOR_JITTER if aug.COLOR_JITTER > 0 else None,
         auto_augment=aug.AUTO_AUGMENT if aug.AUTO_AUGMENT != "none" else None,

@@ -118,7 +118,7 @@ def contribution_scores(model: nn.Module, config: CfgNode, stage: int, num_image
     model.requires_grad_(False)  # only the input's gradient is needed
     captured: list[torch.Tensor] = []
     hook = stage_output_module(model, stage).register_forward_hook(lambda module, inputs, out: captured.append(out))
-    height, width = image_size(config)
+    height, width = image_size(config.DATA.IMG_SIZE)
     total = torch.zeros(height, width, dtype=torch.float64, device=device)
     count = 0
     try:

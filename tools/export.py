@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     make_folder(args.output.parent, "--output")
     device = device_of(args)
     config, model, _ = load_model(args.resume, args, device)
-    size, channels = image_size(config), config.MODEL.STRIP_MLP.IN_CHANS
+    size, channels = image_size(config.DATA.IMG_SIZE), config.MODEL.STRIP_MLP.IN_CHANS
     dynamic = args.batch_size is None
     example = torch.randn(args.batch_size or EXAMPLE_BATCH, channels, *size, device=device)
     start = time.time()

@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from checkpoint import Inference, load_for_inference  # noqa: E402  (the repository is on the path only now)
-from distributed import DEVICES, DistEnv, resolve_device  # noqa: E402
+from config import DEVICES  # noqa: E402
+from distributed import DistEnv, resolve_device  # noqa: E402
 from engine import StepSettings  # noqa: E402
 from utils import RunError  # noqa: E402
 

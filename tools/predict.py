@@ -59,7 +59,8 @@ def predict(args: argparse.Namespace) -> int:
     device = device_of(args)
     config, model, classes = load_model(args.resume, args, device)
     settings = eval_settings(config, device)
-    dataset = ImageFiles(files, build_transform(False, config), (config.MODEL.STRIP_MLP.IN_CHANS, *image_size(config)))
+    input_shape = (config.MODEL.STRIP_MLP.IN_CHANS, *image_size(config.DATA.IMG_SIZE))
+    dataset = ImageFiles(files, build_transform(False, config), input_shape)
     loader = DeviceLoader(DataLoader(dataset, batch_size=args.batch_size or config.DATA.BATCH_SIZE,
                                      num_workers=config.DATA.NUM_WORKERS), device)
     k = min(args.topk, len(classes))

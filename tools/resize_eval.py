@@ -48,13 +48,13 @@ def resize_eval(args: argparse.Namespace) -> int:
     checkpoint = load_checkpoint_file(args.resume)
     weights = clean_state_dict(checkpoint)
     trained = checkpoint_config(checkpoint, args.resume, args.cfg, args.opts)
-    reference = image_size(trained)
+    reference = image_size(trained.DATA.IMG_SIZE)
     check_class_names(checkpoint, build_dataset(False, trained).classes, args.resume)  # refuses permuted labels
     print(f"| input size | scale | {' | '.join(f'top-1 {method}' for method in METHODS)} |")
     print(f"|---|---|{'---|' * len(METHODS)}")
     for size in [str(list(reference)), *args.sizes]:
         config = checkpoint_config(checkpoint, args.resume, args.cfg, [*args.opts, "DATA.IMG_SIZE", size])
-        height, width = image_size(config)
+        height, width = image_size(config.DATA.IMG_SIZE)
         loader = build_loader(config, 0, 1, train=False, device=device).loader_val
         settings = eval_settings(config, device)
         accuracies = []
