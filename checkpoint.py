@@ -30,7 +30,7 @@ from torch import nn
 from yacs.config import CfgNode
 
 from distributed import DistEnv, gather_to_rank0, on_rank0
-from engine import TrainState
+from engine import OptimizationState
 from models import checkpoint_filter_fn, clean_state_dict
 from optimizer import is_decayed
 from utils import RunError, rng_state, set_rng_state, unwrap_model
@@ -423,7 +423,7 @@ def prune_checkpoints(timeline: Timeline, keep: int) -> list[Path]:
 # Saving a run
 
 
-def build_checkpoint(state: TrainState, config: CfgNode, env: DistEnv, epoch: int, best_acc1: float,
+def build_checkpoint(state: OptimizationState, config: CfgNode, env: DistEnv, epoch: int, best_acc1: float,
                      classes: list[str], step: int = 0) -> dict[str, Any]:
     """Everything needed to continue exactly, as tensors and plain containers (weights_only-loadable), and the
     dataset's class names, which the tools show.
@@ -452,7 +452,7 @@ def build_checkpoint(state: TrainState, config: CfgNode, env: DistEnv, epoch: in
     }
 
 
-def save_epoch(state: TrainState, config: CfgNode, env: DistEnv, epoch: int, best_acc1: float, is_best: bool,
+def save_epoch(state: OptimizationState, config: CfgNode, env: DistEnv, epoch: int, best_acc1: float, is_best: bool,
                classes: list[str], timeline: Timeline, logger: logging.Logger) -> None:
     """Rank 0 writes the epoch's checkpoints: ``ckpt_epoch_<n>.pth`` when due, ``best.pth``, then ``latest.pth``,
     each with its place in the timeline (``timeline.history`` already holds the epoch's row)."""
@@ -482,7 +482,7 @@ def _load_buffers(module: nn.Module, buffers: Mapping[str, torch.Tensor]) -> Non
         module.get_buffer(name).copy_(value)
 
 
-def save_position(state: TrainState, config: CfgNode, env: DistEnv, epoch: int, step: int, best_acc1: float,
+def save_position(state: OptimizationState, config: CfgNode, env: DistEnv, epoch: int, step: int, best_acc1: float,
                   classes: list[str], timeline: Timeline, logger: logging.Logger) -> None:
     """Rank 0 writes ``latest.pth`` inside epoch ``epoch``, after its first ``step`` micro-steps (at an update's
     end), so that a resumed run continues with the next sample. Every rank calls it.
@@ -602,8 +602,8 @@ class ResumePoint(NamedTuple):
     best_acc1: float
 
 
-def restore_training(state: TrainState, checkpoint: Mapping[str, Any], source: str, config: CfgNode, env: DistEnv,
-                     updates_per_epoch: int, logger: logging.Logger) -> ResumePoint:
+def restore_training(state: OptimizationState, checkpoint: Mapping[str, Any], source: str, config: CfgNode,
+                     env: DistEnv, updates_per_epoch: int, logger: logging.Logger) -> ResumePoint:
     """Load a saved run into ``state``; returns where it continues.
 
     The config is the truth for the schedule: the optimiser keeps this run's hyperparameters and the

@@ -18,6 +18,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from yacs.config import CfgNode
 
+from agreement import Interruptions
 from checkpoint import (
     Resume,
     ResumePoint,
@@ -34,7 +35,7 @@ from checkpoint import (
     start_timeline,
 )
 from config import dump_config, parse_option
-from data import Loaders, build_loader
+from data import Loaders, UnreadableImages, build_loader
 from distributed import (
     EXIT_PREEMPTED,
     PREEMPTION_SIGNALS,
@@ -50,10 +51,8 @@ from distributed import (
     set_cpu_threads,
 )
 from engine import (
-    Interruptions,
+    OptimizationState,
     StepSettings,
-    TrainState,
-    UnreadableImages,
     average_bn_statistics,
     build_criterion,
     compile_model,
@@ -139,16 +138,16 @@ def evaluate_only(config: CfgNode, env: DistEnv, logger: logging.Logger) -> int:
     return 0
 
 
-class Training(NamedTuple):
+class TrainingSetup(NamedTuple):
     """What a training run is made of, once built."""
 
     loaders: Loaders
     settings: StepSettings
-    state: TrainState
+    state: OptimizationState
     updates_per_epoch: int
 
 
-def build_training(config: CfgNode, env: DistEnv, logger: logging.Logger) -> Training:
+def set_up_training(config: CfgNode, env: DistEnv, logger: logging.Logger) -> TrainingSetup:
     loaders = build_loader(config, env.rank, env.world_size, device=env.device)
     settings = StepSettings.from_config(config, env)
     model = build_network(config, env, logger)
@@ -172,7 +171,7 @@ def build_training(config: CfgNode, env: DistEnv, logger: logging.Logger) -> Tra
     if config.COMPILE:
         forward_model = compile_model(forward_model, inference_only=False)
     updates_per_epoch = math.ceil(len(loaders.loader_train) / settings.accumulation_steps)
-    state = TrainState(
+    state = OptimizationState(
         model=forward_model,
         optimizer=optimizer,
         scheduler=build_scheduler(config, optimizer, updates_per_epoch, lrs),
@@ -180,19 +179,19 @@ def build_training(config: CfgNode, env: DistEnv, logger: logging.Logger) -> Tra
         criterion=build_criterion(config, loaders.mixup_fn is not None),
         ema=ModelEmaV3(model, decay=config.TRAIN.EMA.DECAY) if config.TRAIN.EMA.ENABLE else None,
     )
-    return Training(loaders, settings, state, updates_per_epoch)
+    return TrainingSetup(loaders, settings, state, updates_per_epoch)
 
 
-def starting_point(config: CfgNode, env: DistEnv, training: Training, resume: Resume | None,
+def starting_point(config: CfgNode, env: DistEnv, setup: TrainingSetup, resume: Resume | None,
                    logger: logging.Logger) -> ResumePoint:
     """Restore the run to continue, or load the pretrained weights to start from; returns where to start.
 
     Checkpoints are read by rank 0 and their contents broadcast, so every rank loads the same weights.
     """
-    state = training.state
+    state = setup.state
     if resume is not None:
-        logger.info(check_class_names(resume[1], training.loaders.dataset_train.classes, str(resume[0])))
-        point = restore_training(state, resume[1], str(resume[0]), config, env, training.updates_per_epoch, logger)
+        logger.info(check_class_names(resume[1], setup.loaders.dataset_train.classes, str(resume[0])))
+        point = restore_training(state, resume[1], str(resume[0]), config, env, setup.updates_per_epoch, logger)
     else:
         point = ResumePoint(epoch=0, step=0, best_acc1=0.0)
         if config.MODEL.PRETRAINED:
@@ -204,12 +203,13 @@ def starting_point(config: CfgNode, env: DistEnv, training: Training, resume: Re
     return point
 
 
-def train(config: CfgNode, env: DistEnv, logger: logging.Logger, preemption: PreemptionSignal) -> int:
-    """Train for the remaining epochs; returns 0, or EXIT_PREEMPTED after a stop request was saved."""
-    training = build_training(config, env, logger)
-    loaders, settings, state = training.loaders, training.settings, training.state
+def train_and_validate(config: CfgNode, env: DistEnv, logger: logging.Logger, preemption: PreemptionSignal) -> int:
+    """Train for the remaining epochs, validating and saving after each; returns 0, or EXIT_PREEMPTED after a
+    stop request was saved."""
+    setup = set_up_training(config, env, logger)
+    loaders, settings, state = setup.loaders, setup.settings, setup.state
     resume = choose_resume(config, env, logger)
-    point = starting_point(config, env, training, resume, logger)
+    point = starting_point(config, env, setup, resume, logger)
     timeline = start_timeline(config, resume, env, logger)
     classes = loaders.dataset_train.classes
     best_acc1 = point.best_acc1
@@ -219,7 +219,7 @@ def train(config: CfgNode, env: DistEnv, logger: logging.Logger, preemption: Pre
                                              point.epoch - 1)
     if point.epoch < config.TRAIN.EPOCHS:
         logger.info(f"training epochs {point.epoch}..{config.TRAIN.EPOCHS - 1}, "
-                    f"{training.updates_per_epoch} updates per epoch")
+                    f"{setup.updates_per_epoch} updates per epoch")
     else:
         logger.info(f"all {config.TRAIN.EPOCHS} epochs are already trained; raise TRAIN.EPOCHS to train more")
     try:
@@ -304,7 +304,7 @@ def run(config: CfgNode, env: DistEnv, logger: logging.Logger, preemption: Preem
         return evaluate_only(config, env, logger)
     with hold_folder(Path(config.OUTPUT), env, logger):
         prepare(config, env, logger, own_folder(config))
-        return train(config, env, logger, preemption)
+        return train_and_validate(config, env, logger, preemption)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

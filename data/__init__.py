@@ -7,7 +7,7 @@ from .demo import make_demo_digits
 from .device import DeviceLoader, build_erasing
 from .files import ImageFiles, find_images
 from .samplers import ShardSampler, TrainSampler
-from .samples import BAD_IMAGE_POLICIES, Sample, SampleDataset, SampleKey
+from .samples import BAD_IMAGE_POLICIES, Sample, SampleDataset, SampleKey, UnreadableImages
 from .transforms import INTERPOLATIONS, RANDOM_ERASING_MODES, build_transform
 from .zipped import CACHE_MODES, ZipImageFolder
 
@@ -28,6 +28,7 @@ __all__ = [
     "SampleKey",
     "ShardSampler",
     "TrainSampler",
+    "UnreadableImages",
     "ZipImageFolder",
     "build_dataset",
     "build_erasing",

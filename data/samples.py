@@ -13,6 +13,7 @@ and a run resumed in the middle of an epoch sees exactly the augmentations of an
 """
 
 import contextlib
+import logging
 import operator
 import random
 from collections.abc import Iterator, Sequence
@@ -141,3 +142,47 @@ class SampleDataset(Dataset[Sample]):
             return Sample(image, target, index, "\n".join(bad))
         raise DataError(f"{len(bad)} image files in a row cannot be read, the first {bad[0]}; "
                         "check the disk / DATA.DATA_PATH")
+
+
+class UnreadableImages:
+    """What DATA.BAD_IMAGE lets a run do with the unreadable image files it meets (see ``Sample.bad``).
+
+    Each file is logged once, with its reason. The run stops when DATA.BAD_IMAGE is "error", or when more
+    than 1% of the images of an epoch (or of the validation set) cannot be read: a broken disk is not noise.
+    Its checks take counts summed over ranks, so every rank stops at the same step.
+    """
+
+    MAX_FRACTION = 0.01
+
+    def __init__(self, policy: str = "skip") -> None:
+        self.policy = policy
+        self.logged: set[str] = set()
+
+    def note(self, bad: Sequence[str], logger: logging.Logger) -> list[str]:
+        """The first line ("PATH: REASON" of the sample's own file) of each replaced sample of a batch; every
+        file passed over that was not logged before is logged now."""
+        for line in (line for text in bad for line in text.splitlines()):
+            if line not in self.logged:
+                self.logged.add(line)
+                logger.warning(f"unreadable image passed over (DATA.BAD_IMAGE {self.policy}): {line}")
+        return [text.splitlines()[0] for text in bad if text]
+
+    def check(self, own: list[str], count: int, where: str) -> None:
+        """Under DATA.BAD_IMAGE error, stop every rank when any met an unreadable image.
+
+        Args:
+            own: this rank's unreadable files since the last check.
+            count: their number summed over ranks.
+        """
+        if self.policy == "error" and count:
+            if own:
+                raise DataError(f"cannot read image {own[0]} at {where}; remove or replace the file, or set "
+                                "DATA.BAD_IMAGE skip to continue past unreadable images")
+            raise DataError(f"{count} image(s) cannot be read at {where} (DATA.BAD_IMAGE error); the rank that "
+                            "read them names each file")
+
+    def check_fraction(self, seen: int, total: int, scope: str) -> None:
+        """Stop every rank when ``seen`` of the ``total`` images of ``scope`` (sums over ranks) exceed the limit."""
+        if seen > self.MAX_FRACTION * total:
+            raise DataError(f"{seen} of the {total} images of {scope} cannot be read, more than "
+                            f"{self.MAX_FRACTION:.0%}: check the disk and DATA.DATA_PATH (a broken disk is not noise)")

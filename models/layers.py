@@ -79,28 +79,28 @@ class StripProjection(nn.Conv2d):
         super().__init__(groups * length, groups * length, (1, 3), padding=(0, 1), groups=groups)
         self.length = length
         self.along_columns = along == "columns"
+        # (N, H, W, P, G) -> (N, P, A, G, L) for A strips of L tokens, and back. The tokens are permuted straight from
+        # their (N, H, W, C) view, never through a transposed copy, so that the gradient comes back channels-last.
+        self.to_strips = [0, 3, 2, 4, 1] if self.along_columns else [0, 3, 1, 4, 2]
+        self.from_strips = [0, 4, 2, 1, 3] if self.along_columns else [0, 2, 4, 1, 3]
         self.resampled_cache = ResampledCache()
 
     def forward(self, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """x (N, C, H, W) and position (H, W, C) -> (N, C, H, W) in channels-last memory."""
-        tokens = x.permute(0, 2, 3, 1)  # (N, H, W, C)
-        if self.along_columns:  # a column is a row of the transposed map
-            tokens, position = tokens.transpose(1, 2), position.transpose(0, 1)  # (N, W, H, C), (W, H, C)
-        n, strips, length, c = tokens.shape  # `strips` strips of `length` tokens
+        n, c, h, w = x.shape
         g = self.groups
         p = c // g
+        strips, length = (w, h) if self.along_columns else (h, w)
         # Cast to the activations' dtype, so that under autocast the wide products stay in the low precision.
-        pos = position.to(x.dtype).reshape(strips, length, p, g).permute(2, 0, 3, 1).contiguous()  # (P, A, G, L)
-        a = tokens.reshape(n, strips, length, p, g).permute(0, 3, 1, 4, 2)  # (N, P, A, G, L)
+        pos = position.to(x.dtype).reshape(h, w, p, g).permute([i - 1 for i in self.to_strips[1:]])  # (P, A, G, L)
+        a = x.permute(0, 2, 3, 1).reshape(n, h, w, p, g).permute(self.to_strips)  # (N, P, A, G, L)
         # Copy first, then add in place: an addition that reads the permuted view directly is slower.
-        a = a.clone(memory_format=torch.contiguous_format).add_(pos)
+        a = a.clone(memory_format=torch.contiguous_format).add_(pos.contiguous())
         weight, bias = self.weight, self.bias
         if length != self.length:
             weight, bias = self.resampled(length)
         y = F.conv2d(a.reshape(n, p, strips, g * length).permute(0, 3, 1, 2), weight, bias, 1, (0, 1), 1, g)
-        y = y.permute(0, 2, 3, 1).reshape(n, p, strips, g, length).permute(0, 2, 4, 1, 3)  # (N, A, L, P, G)
-        if self.along_columns:
-            y = y.transpose(1, 2)  # (N, H, W, P, G)
+        y = y.permute(0, 2, 3, 1).reshape(n, p, strips, g, length).permute(self.from_strips)  # (N, H, W, P, G)
         return channels_last_nchw(y)
 
     @torch.jit.unused
@@ -244,10 +244,18 @@ def pointwise_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 class PointwiseLinear(nn.Linear):
     """`nn.Linear` over the channels of (N, H, W, C) activations that are a view of channels-last (N, C, H, W)
-    memory; see `pointwise_linear`."""
+    memory; see `pointwise_linear`.
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return pointwise_linear(x, self.weight, self.bias)
+    `input_shift` (C,) adds a constant to every input token at no cost over the activations:
+    W (x + s) + b = W x + (W s + b), computed once per batch.
+    """
+
+    def forward(self, x: torch.Tensor, input_shift: torch.Tensor | None = None) -> torch.Tensor:
+        bias = self.bias
+        if input_shift is not None:
+            shift = torch.mv(self.weight, input_shift)  # (C_out,)
+            bias = shift if bias is None else bias + shift
+        return pointwise_linear(x, self.weight, bias)
 
 
 def _grn_factor(spatial_norm: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
@@ -262,32 +270,37 @@ def _spatial_norm(z: torch.Tensor) -> torch.Tensor:
     return z.square().sum(dim=(1, 2)).to(torch.promote_types(z.dtype, torch.float32)).sqrt()
 
 
-def _grn_plain(z: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """z * s + beta, in one pass over z, for z (N, H, W, K) and gamma, beta (K,)."""
-    factor = _grn_factor(_spatial_norm(z), gamma)  # (N, K)
-    return torch.addcmul(beta.to(z.dtype), z, factor.to(z.dtype)[:, None, None, :])
+def _scale(z: torch.Tensor, factor: torch.Tensor, beta: torch.Tensor | None) -> torch.Tensor:
+    """z * s (+ beta), in one pass over z (N, H, W, K), for GRN's factor s (N, K) and its shift beta (K,)."""
+    factor = factor.to(z.dtype)[:, None, None, :]
+    return z * factor if beta is None else torch.addcmul(beta.to(z.dtype), z, factor)
+
+
+def _grn_plain(z: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor | None) -> torch.Tensor:
+    """GRN of z (N, H, W, K) with gamma, beta (K,), its shift left out where beta is None."""
+    return _scale(z, _grn_factor(_spatial_norm(z), gamma), beta)
 
 
 class _GRN(torch.autograd.Function):
     """`_grn_plain` with its backward written out, because autograd's makes five passes over z-sized tensors and
-    this one three: the reductions of g * z and g (the gradients of the factor and of beta), and
-    dz = g * s + z * c, where c, like every other quantity here, is a small (N, K) tensor.
+    this one three: the reduction of g * z (the gradient of the factor), dz = g * s + z * c, where c, like every
+    other quantity here, is a small (N, K) tensor, and with a shift beta the reduction of g that is its gradient.
     """
 
     @staticmethod
-    def forward(ctx: FunctionCtx, z: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: FunctionCtx, z: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor | None) -> torch.Tensor:
         spatial_norm = _spatial_norm(z)  # (N, K)
         factor = _grn_factor(spatial_norm, gamma)
         ctx.save_for_backward(z, gamma, spatial_norm, factor)
-        ctx.beta_dtype = beta.dtype
-        return torch.addcmul(beta.to(z.dtype), z, factor.to(z.dtype)[:, None, None, :])
+        ctx.beta_dtype = None if beta is None else beta.dtype
+        return _scale(z, factor, beta)
 
     @staticmethod
-    def backward(ctx: FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def backward(ctx: FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         z, gamma, spatial_norm, factor = ctx.saved_tensors
         channels = spatial_norm.shape[-1]
         shifted_mean = spatial_norm.mean(dim=-1, keepdim=True) + 1e-6  # (N, 1)
-        grad_beta = grad.sum(dim=(0, 1, 2), dtype=ctx.beta_dtype)  # (K,)
+        grad_beta = None if ctx.beta_dtype is None else grad.sum(dim=(0, 1, 2), dtype=ctx.beta_dtype)  # (K,)
         grad_factor = (grad * z).sum(dim=(1, 2)).to(factor.dtype)  # (N, K)
         grad_gamma = (grad_factor * spatial_norm / shifted_mean).sum(dim=0)  # (K,)
         grad_relative = grad_factor * gamma
@@ -301,8 +314,8 @@ class _GRN(torch.autograd.Function):
 
 
 @register_notrace_function
-def grn(z: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """GRN of z (N, H, W, K) with gamma, beta (K,); see `GRN`."""
+def grn(z: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor | None) -> torch.Tensor:
+    """GRN of z (N, H, W, K) with gamma, beta (K,), without the shift when beta is None; see `GRN`."""
     if z.device.type == "cpu" and torch.is_grad_enabled() and not torch.jit.is_scripting():
         return _GRN.apply(z, gamma, beta)  # three passes over z in the backward instead of autograd's six
     return _grn_plain(z, gamma, beta)
@@ -313,6 +326,9 @@ class GRN(nn.Module):
     out = gamma * (z * m) + beta + z, with m the spatial L2 norm of z relative to its channel mean.
 
     GRN is affine per sample, out = z * s + beta with s = 1 + gamma * m, which is computed in one pass over z.
+    With ``shift=False`` it leaves out beta, for a following `PointwiseLinear` to add as its ``input_shift``:
+    a plain product is faster than one with a broadcast addend, and beta's gradient then comes from that layer's
+    small bias gradient instead of a reduction over z.
     """
 
     def __init__(self, channels: int) -> None:
@@ -320,8 +336,8 @@ class GRN(nn.Module):
         self.gamma = nn.Parameter(torch.zeros(1, 1, 1, channels))
         self.beta = nn.Parameter(torch.zeros(1, 1, 1, channels))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return grn(x, self.gamma.flatten(), self.beta.flatten())
+    def forward(self, x: torch.Tensor, shift: bool = True) -> torch.Tensor:
+        return grn(x, self.gamma.flatten(), self.beta.flatten() if shift else None)
 
 
 class _FreezeBatchNormStats:

@@ -170,8 +170,8 @@ class ChannelMixing(nn.Module):
         x = self.layer_norm(x.permute(0, 2, 3, 1))  # (N, H, W, D)
         x = self.fc1(x)  # (N, H, W, K)
         x = self.act(x)  # on a contiguous tensor, so that PyTorch runs oneDNN's GELU on the CPU
-        x = self.grn(x)
-        x = self.fc2(x)  # (N, H, W, D)
+        x = self.grn(x, shift=False)  # GRN's shift beta joins fc2's bias, which is faster (see GRN)
+        x = self.fc2(x, input_shift=self.grn.beta.flatten())  # (N, H, W, D)
         return x.permute(0, 3, 1, 2)  # (N, D, H, W)
 
 

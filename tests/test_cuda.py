@@ -24,7 +24,7 @@ from config import default_config, load_config
 from data import DeviceLoader, build_loader
 from data.device import build_erasing
 from distributed import DistEnv
-from engine import StepSettings, TrainState, compile_model, train_one_epoch
+from engine import OptimizationState, StepSettings, compile_model, train_one_epoch
 from lr_scheduler import build_scheduler, effective_learning_rates
 from main import build_network
 from models import VARIANTS, StripMLPNet
@@ -144,11 +144,11 @@ def test_fused_adamw_steps_as_the_cpu_optimiser_does() -> None:
         assert not torch.equal(p_cpu, small_model().state_dict()[name])  # every parameter moved
 
 
-def fp16_state(model: nn.Module, init_scale: float) -> TrainState:
+def fp16_state(model: nn.Module, init_scale: float) -> OptimizationState:
     """A training state as main.py builds it on CUDA (fused AdamW), with a float16 gradient scaler."""
     config = default_config()
     optimizer = build_optimizer(config, model, 1e-3)
-    return TrainState(
+    return OptimizationState(
         model=model,
         optimizer=optimizer,
         scheduler=build_scheduler(config, optimizer, 10, effective_learning_rates(config, 1)),

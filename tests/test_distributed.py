@@ -14,10 +14,11 @@ from run_helpers import launch, run_dir, sample_batch, write_config, write_image
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
+from agreement import NonFiniteLossError
 from checkpoint import load_checkpoint_file
 from data import Sample
 from distributed import DistEnv
-from engine import NonFiniteLossError, StepSettings, TrainState, train_one_epoch, validate
+from engine import OptimizationState, StepSettings, train_one_epoch, validate
 
 LOGGER = logging.Logger("distributed-test")
 
@@ -27,9 +28,9 @@ def step_settings(env: DistEnv) -> StepSettings:
                         accumulation_steps=2, clip_grad=0.05, print_freq=10, epochs=1)
 
 
-def make_state(model: nn.Module) -> TrainState:
+def make_state(model: nn.Module) -> OptimizationState:
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
-    return TrainState(model=model, optimizer=optimizer,
+    return OptimizationState(model=model, optimizer=optimizer,
                       scheduler=CosineLRScheduler(optimizer, t_initial=10, t_in_epochs=False),
                       scaler=torch.amp.GradScaler("cpu", enabled=False), criterion=nn.CrossEntropyLoss())
 

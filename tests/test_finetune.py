@@ -17,7 +17,7 @@ import main
 from checkpoint import load_checkpoint_file
 from config import CHOICES, ConfigError, default_config, load_config
 from distributed import DistEnv
-from engine import StepSettings, TrainState, average_bn_statistics, train_one_epoch
+from engine import OptimizationState, StepSettings, average_bn_statistics, train_one_epoch
 from finetune import FREEZE_MODES, freeze, frozen_norms, layer_groups, layer_scales
 from lr_scheduler import build_scheduler, effective_learning_rates, scheduled_lr
 from models import StripMLPNet
@@ -124,7 +124,7 @@ def test_an_epoch_logs_the_unscaled_rate() -> None:
     config = config_with("TRAIN.LAYER_DECAY", 0.8)
     lrs = effective_learning_rates(config, 1)
     optimizer = build_optimizer(config, model, lrs.base)
-    state = TrainState(model=model, optimizer=optimizer, scheduler=build_scheduler(config, optimizer, 2, lrs),
+    state = OptimizationState(model=model, optimizer=optimizer, scheduler=build_scheduler(config, optimizer, 2, lrs),
                        scaler=torch.amp.GradScaler("cpu", enabled=False), criterion=torch.nn.CrossEntropyLoss())
     settings = StepSettings(env=CPU, amp_enabled=False, amp_dtype=torch.bfloat16, channels_last=False,
                             accumulation_steps=1, clip_grad=0.0, print_freq=1, epochs=4)
@@ -261,7 +261,7 @@ def average_worker(tmp_path: Path) -> tuple[StripMLPNet, StripMLPNet]:
             module.running_mean.fill_(3.0)
     freeze(model, "stage1")
     before = copy.deepcopy(model)
-    state = TrainState(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), scheduler=None,
+    state = OptimizationState(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), scheduler=None,
                        scaler=torch.amp.GradScaler("cpu", enabled=False), criterion=torch.nn.CrossEntropyLoss())
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
     try:

@@ -12,7 +12,7 @@ from yacs.config import CfgNode
 
 import models
 from models import layers
-from models.layers import GRN, WideDepthwiseConv2d
+from models.layers import GRN, StripProjection, WideDepthwiseConv2d
 from models.strip_mlp import ChannelMixing, StripMLPNet, checkpoint_filter_fn
 
 # name: (parameters, MACs in G) at 224 x 224 with 1000 classes, as measured on the release.
@@ -230,6 +230,13 @@ def test_grn_and_channel_mixing_follow_the_specification() -> None:
     assert torch.allclose(block(channels_last), expected, atol=1e-5)
     assert torch.allclose(block.fc1(y), F.linear(y, block.fc1.weight, block.fc1.bias), atol=1e-5)
 
+    # Every parameter's gradient too, GRN's shift included (it reaches fc2 as part of its bias).
+    upstream = torch.randn_like(expected)
+    reference = torch.autograd.grad((expected * upstream).sum(), list(block.parameters()))
+    (block(x) * upstream).sum().backward()
+    for (name, parameter), wanted in zip(block.named_parameters(), reference, strict=True):
+        assert torch.allclose(parameter.grad, wanted, rtol=1e-4, atol=1e-4), name
+
 
 @pytest.mark.parametrize("kernel", [(7, 7), (3, 7), (5, 5), (3, 3)])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
@@ -262,8 +269,10 @@ def test_wide_depthwise_conv_under_autocast_keeps_parameter_and_input_dtypes() -
     assert torch.allclose(conv.weight.grad, reference, rtol=0.05, atol=0.05 * reference.abs().max().item())
 
 
-def test_grn_gradients_equal_those_of_the_specification_formula() -> None:
-    """GRN's norm has a hand-written backward; its gradients must equal autograd's through the formula."""
+@pytest.mark.parametrize("shift", [True, False])
+def test_grn_gradients_equal_those_of_the_specification_formula(shift: bool) -> None:
+    """GRN's norm has a hand-written backward; its gradients must equal autograd's through the formula (without
+    the shift beta where ChannelMixing adds it through fc2)."""
     torch.manual_seed(0)
     grn = GRN(12)
     torch.nn.init.normal_(grn.gamma)
@@ -273,13 +282,34 @@ def test_grn_gradients_equal_those_of_the_specification_formula() -> None:
     upstream = torch.randn_like(z)
 
     ours = z.clone().requires_grad_()
-    (grn(ours) * upstream).sum().backward()
+    (grn(ours, shift=shift) * upstream).sum().backward()
     reference = z.clone().requires_grad_()
     g = torch.sqrt((reference ** 2).sum(dim=(1, 2), keepdim=True))
-    formula = grn.gamma * (reference * (g / (g.mean(dim=-1, keepdim=True) + 1e-6))) + grn.beta + reference
-    expected = torch.autograd.grad((formula * upstream).sum(), (reference, grn.gamma))
+    formula = grn.gamma * (reference * (g / (g.mean(dim=-1, keepdim=True) + 1e-6))) + reference
+    if shift:
+        formula = formula + grn.beta
+    expected = torch.autograd.grad((formula * upstream).sum(), (reference, grn.gamma, grn.beta), allow_unused=True)
     assert torch.allclose(ours.grad, expected[0], atol=1e-10)
     assert torch.allclose(grn.gamma.grad, expected[1], atol=1e-10)
+    if shift:
+        assert torch.allclose(grn.beta.grad, expected[2], atol=1e-10)
+    else:
+        assert grn.beta.grad is None
+
+
+@pytest.mark.parametrize("along", ["rows", "columns"])
+def test_strip_projection_gradients_come_back_channels_last(along: str) -> None:
+    """The blocks run channels-last; a gradient in another layout sends the BatchNorm and GELU backward passes
+    before each projection onto slow paths (on the CPU the columns' BatchNorm backward took 10x longer)."""
+    projection = StripProjection(groups=2, length=6, along=along)
+    x = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
+    gelu = F.gelu(x)
+    gradients = []
+    gelu.register_hook(gradients.append)  # the gradient as GELU's backward receives it
+    out = projection(gelu, torch.randn(6, 6, 8))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    out.backward(torch.randn_like(out))
+    assert gradients[0].is_contiguous(memory_format=torch.channels_last)
 
 
 def test_head_dropout_acts_in_training_only_and_adds_no_weights() -> None:

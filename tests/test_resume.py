@@ -28,7 +28,7 @@ from checkpoint import (
 )
 from config import default_config
 from distributed import DistEnv
-from engine import TrainState
+from engine import OptimizationState
 from lr_scheduler import build_scheduler, effective_learning_rates
 from models import StripMLPNet
 from optimizer import build_optimizer, is_decayed
@@ -49,16 +49,16 @@ def tiny() -> StripMLPNet:
     return StripMLPNet(img_size=32, num_classes=3, embed_dim=8, layers=(1, 1, 1, 1))
 
 
-def make_state(config: CfgNode, model: torch.nn.Module | None = None, fp16: bool = False) -> TrainState:
+def make_state(config: CfgNode, model: torch.nn.Module | None = None, fp16: bool = False) -> OptimizationState:
     model = model or tiny()
     lrs = effective_learning_rates(config, 1)
     optimizer = build_optimizer(config, model, lrs.base)
-    return TrainState(model=model, optimizer=optimizer,
+    return OptimizationState(model=model, optimizer=optimizer,
                       scheduler=build_scheduler(config, optimizer, UPDATES_PER_EPOCH, lrs),
                       scaler=torch.amp.GradScaler("cpu", enabled=fp16), criterion=torch.nn.CrossEntropyLoss())
 
 
-def train_steps(state: TrainState, steps: int) -> None:
+def train_steps(state: OptimizationState, steps: int) -> None:
     generator = torch.Generator().manual_seed(1)
     for _ in range(steps):
         images, targets = torch.randn(4, 3, 32, 32, generator=generator), torch.randint(0, 3, (4,), generator=generator)
@@ -77,7 +77,7 @@ def saved_run(config: CfgNode, fp16: bool = False) -> dict:
     return build_checkpoint(state, config, CPU, epoch=0, best_acc1=12.5, classes=["a", "b", "c"])
 
 
-def rates(state: TrainState) -> list[tuple[float, float]]:
+def rates(state: OptimizationState) -> list[tuple[float, float]]:
     return [(group["lr"], group["weight_decay"]) for group in state.optimizer.param_groups]
 
 

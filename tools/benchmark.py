@@ -39,7 +39,8 @@ import torch
 from cli import ROOT, run_tool  # puts the checkout on the path for the imports below
 from torch.utils.flop_counter import FlopCounterMode
 
-from engine import compile_model, images_per_second, peak_memory_mb, time_paired
+from engine import compile_model
+from measure import images_per_second, peak_memory_mb, time_paired
 from utils import RunError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
