@@ -28,13 +28,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import yaml
-from timm.data import ImageNetInfo
 from torch import nn
 from yacs.config import CfgNode
 
-from config import config_from_text, load_config, upgrade_saved
+from config import upgrade_saved
 from distributed import DistEnv, gather_to_rank0, on_rank0
-from models import build_model, checkpoint_filter_fn, clean_state_dict
+from models import checkpoint_filter_fn, clean_state_dict
 from optimizer import is_decayed
 from utils import RunError, rng_state, set_rng_state, unwrap_model
 
@@ -711,26 +710,7 @@ def load_pretrained(model: nn.Module, checkpoint: Mapping[str, Any], source: str
 
 
 # --------------------------------------------------------------------------------------------------------------
-# A trained model for the tools
-
-
-class Inference(NamedTuple):
-    """A model ready to predict: its config, the model in eval mode on its device, and its class names."""
-
-    config: CfgNode
-    model: nn.Module
-    classes: list[str]
-
-
-def class_names(checkpoint: Mapping[str, Any], num_classes: int) -> list[str]:
-    """The class names a checkpoint carries; for a 1000-class one without them (the release's), ImageNet-1K's
-    names as timm ships them; otherwise the class indices."""
-    names = checkpoint.get("classes")
-    if names and len(names) == num_classes:
-        return list(names)
-    if num_classes == 1000:
-        return [description.split(",")[0] for description in ImageNetInfo().label_descriptions()]
-    return [str(index) for index in range(num_classes)]
+# Class names a checkpoint was trained on
 
 
 def check_class_names(checkpoint: Mapping[str, Any], classes: Sequence[str], source: str) -> str:
@@ -752,34 +732,3 @@ def check_class_names(checkpoint: Mapping[str, Any], classes: Sequence[str], sou
     raise CheckpointError(f"{source} was trained on other classes than the data holds ({len(differing)} of "
                           f"{max(len(saved), len(classes))} labels differ; {'; '.join(differing[:3])}); give the data "
                           "it was trained on (DATA.DATA_PATH), or start a new run from its weights with --pretrained")
-
-
-def checkpoint_config(checkpoint: Mapping[str, Any], source: str, cfg_file: str | None = None,
-                      opts: list[str] | tuple[str, ...] = ()) -> CfgNode:
-    """The config of a trained model: ``cfg_file`` when given, else the config the checkpoint carries (ours
-    save it as YAML); ``opts`` (KEY VALUE pairs) override either.
-
-    Raises:
-        CheckpointError: no ``cfg_file`` and the checkpoint carries no config of ours (the release's do not).
-    """
-    if cfg_file:
-        return load_config(cfg_file, opts)
-    if not isinstance(checkpoint.get("config"), str):
-        raise CheckpointError(f"{source} carries no config of this repository (a release checkpoint?); give --cfg "
-                              "naming its variant and dataset, e.g. configs/imagenet1k/strip_mlp_tiny.yaml")
-    return config_from_text(checkpoint["config"], source, opts)
-
-
-def load_for_inference(path: str | Path, cfg_file: str | None = None, opts: list[str] | tuple[str, ...] = (),
-                       device: str | torch.device = "cpu") -> Inference:
-    """Build the model a checkpoint (ours or the release's) holds, with its weights, in eval mode on ``device``.
-
-    Raises:
-        CheckpointError: unreadable file, no config to build the model from, or weights that do not fit it.
-        ConfigError: a bad ``cfg_file`` or ``opts``.
-    """
-    checkpoint = load_checkpoint_file(path)
-    config = checkpoint_config(checkpoint, str(path), cfg_file, opts)
-    model = build_model(config)
-    model.load_state_dict(fit_state_dict(checkpoint, model, str(path)))
-    return Inference(config, model.to(device).eval(), class_names(checkpoint, config.MODEL.NUM_CLASSES))

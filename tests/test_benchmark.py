@@ -11,6 +11,7 @@ import pytest
 import timm
 
 import models  # noqa: F401  (registers the variants with timm)
+from utils import RunError
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -67,15 +68,15 @@ def test_compiled_model_is_timed_beside_the_eager_one(tmp_path: Path) -> None:
     assert "eval_img_s_median: current / current eager = " in result.stdout
 
 
-@pytest.mark.parametrize(("options", "message"), [
-    (["--img-size", "100"], "--img-size 100 is not divisible by 32"),
-    (["--model", "strip_mlp_huge"], "unknown model 'strip_mlp_huge'; valid: strip_mlp_tiny_light"),
-    (["--baseline", "no-such-revision"], "cannot read models/strip_mlp.py at revision 'no-such-revision'"),
-    (["--eager-baseline"], "--eager-baseline compares against --compile; add --compile"),
+@pytest.mark.parametrize(("options", "status", "message"), [
+    (["--img-size", "100"], 2, "--img-size 100 is not divisible by 32"),  # argparse's usage errors
+    (["--model", "strip_mlp_huge"], 1, "unknown model 'strip_mlp_huge'; valid: strip_mlp_tiny_light"),
+    (["--baseline", "no-such-revision"], 1, "cannot read models/strip_mlp.py at revision 'no-such-revision'"),
+    (["--eager-baseline"], 2, "--eager-baseline compares against --compile; add --compile"),
 ])
-def test_bad_options_fail_with_one_line(options: list[str], message: str) -> None:
+def test_bad_options_fail_with_one_line(options: list[str], status: int, message: str) -> None:
     result = run_benchmark(*options, "--no-memory")
-    assert result.returncode != 0
+    assert result.returncode == status
     assert message in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -119,7 +120,7 @@ def test_a_failed_memory_measurement_is_an_error_not_a_wait_for_ever(monkeypatch
     """The child may fail (on CUDA: out of memory beside the timed models); then nothing comes on its queue."""
     fake_memory_child(monkeypatch, exitcode=1, result=None)
     setting = benchmark.Setting("strip_mlp_tiny", 224, 8, "bf16", False, False, "cuda:0")
-    with pytest.raises(SystemExit, match=r"^error: measuring the peak memory of HEAD failed .*exit status 1"):
+    with pytest.raises(RunError, match=r"^measuring the peak memory of HEAD failed .*exit status 1"):
         benchmark.measure_peak_memory("HEAD", setting, train=True)
 
 

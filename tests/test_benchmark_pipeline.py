@@ -21,9 +21,9 @@ def test_generated_jpegs_are_of_imagenet_like_sizes(tmp_path: Path) -> None:
 
 
 def test_both_pipelines_are_timed_paired_and_by_stage(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    result = benchmark_pipeline.main(["--images", "8", "--img-size", "64", "--batch-size", "2", "--rounds", "2",
-                                      "--workers", "0", "--stages", "--json", str(tmp_path / "rows.jsonl")])
-    assert json.loads((tmp_path / "rows.jsonl").read_text()) == result
+    assert benchmark_pipeline.main(["--images", "8", "--img-size", "64", "--batch-size", "2", "--rounds", "2",
+                                    "--workers", "0", "--stages", "--json", str(tmp_path / "rows.jsonl")]) == 0
+    result = json.loads((tmp_path / "rows.jsonl").read_text())
     for name in ("release", "ours"):
         assert 0 < result[f"{name}_img_s_min"] <= result[f"{name}_img_s_median"] <= result[f"{name}_img_s_max"]
     assert result["ratio_min"] <= result["ratio_median"] <= result["ratio_max"]

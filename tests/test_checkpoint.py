@@ -18,11 +18,9 @@ from checkpoint import (
     CheckpointError,
     Timeline,
     check_class_names,
-    class_names,
     find_resume_checkpoint,
     fit_state_dict,
     load_checkpoint_file,
-    load_for_inference,
     load_pretrained,
     prune_checkpoints,
     save_checkpoint,
@@ -245,30 +243,6 @@ def test_pretrained_at_another_size_and_class_count_is_resampled_and_logged(tmp_
     assert "pretrained checkpoint pre.pth: resampled blocks1.0.token_mixing.smlp_block.proj_h.weight " \
            "(8, 8, 1, 3) -> (24, 24, 1, 3)" in text
     assert text.count("resampled ") == 6 * 4 and "another class count" in text
-
-
-def test_a_trained_model_is_rebuilt_from_its_checkpoint_alone(tmp_path: Path) -> None:
-    from config import load_config
-
-    config = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "demo" / "strip_mlp_demo.yaml"))
-    model = StripMLPNet(img_size=32, num_classes=10, embed_dim=32, layers=(1, 1, 2, 1))
-    saved = config.dump().replace("TRAIN:\n", "TRAIN:\n  START_EPOCH: 0\n")  # a key earlier versions saved
-    names = [f"digit {i}" for i in range(10)]
-    save_checkpoint({"model": model.state_dict(), "config": saved, "classes": names}, tmp_path / "ours.pth")
-    inference = load_for_inference(tmp_path / "ours.pth", opts=["DATA.BATCH_SIZE", "8"])
-    assert inference.classes == names and inference.config.DATA.BATCH_SIZE == 8 and not inference.model.training
-    assert torch.equal(inference.model.head.weight, model.head.weight)
-
-    save_checkpoint({"model": model.state_dict()}, tmp_path / "release.pth")
-    with pytest.raises(CheckpointError, match="carries no config of this repository .* give --cfg"):
-        load_for_inference(tmp_path / "release.pth")
-    demo = str(Path(__file__).resolve().parents[1] / "configs" / "demo" / "strip_mlp_demo.yaml")
-    assert load_for_inference(tmp_path / "release.pth", cfg_file=demo).classes == [str(i) for i in range(10)]
-
-
-def test_release_imagenet_checkpoints_get_imagenet_class_names() -> None:
-    names = class_names({}, 1000)
-    assert len(names) == 1000 and names[:2] == ["tench", "goldfish"]
 
 
 def test_class_names_are_compared_in_order_and_skipped_for_release_checkpoints() -> None:

@@ -161,10 +161,10 @@ def test_a_traced_dynamic_model_takes_other_sizes(dynamic: StripMLPNet) -> None:
 @pytest.mark.slow  # trains each model a few steps
 def test_the_cost_tool_times_a_dynamic_model_against_a_built_one(capsys: pytest.CaptureFixture) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))  # a folder of scripts, not a package
-    from dynamic_size_cost import main
+    from dynamic_size_cost import compare, parse_args
 
-    rows = main(["--built", "64", "--size", "96", "--batch-size", "1", "--repeats", "1",
-                 "--model-kwargs", "{'embed_dim': 16, 'layers': (1, 1, 1, 1), 'num_classes': 5}"])
+    rows = compare(parse_args(["--built", "64", "--size", "96", "--batch-size", "1", "--repeats", "1",
+                               "--model-kwargs", "{'embed_dim': 16, 'layers': (1, 1, 1, 1), 'num_classes': 5}"]))
     assert [name for name, *_ in rows] == ["evaluation, first call at the new size", "evaluation, later calls (cached)",
                                            "training step (resampled at every step)"]
     assert all(built > 0 and dynamic > 0 for _, built, dynamic in rows)

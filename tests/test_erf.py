@@ -12,7 +12,9 @@ from run_helpers import write_config, write_image_folder
 from torch import nn
 
 from config import load_config
+from data import DataError
 from logger import ProgressLine
+from utils import RunError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import erf  # noqa: E402  (tools/ is a folder of scripts, not a package)
@@ -33,7 +35,7 @@ def test_smallest_square_holds_more_than_the_threshold() -> None:
 
 def test_scores_of_a_batch_are_those_of_its_images_one_by_one(tiny_run: TinyRun) -> None:
     """Batching the backward pass is exact: in eval mode each image's gradient is its own."""
-    args = erf.build_parser().parse_args(["--resume", str(tiny_run.checkpoint), "--data-path", str(tiny_run.images),
+    args = erf.build_parser().parse_args(["--checkpoint", str(tiny_run.checkpoint), "--data-path", str(tiny_run.images),
                                           "--output", "unused.png"])
     [(label, config, model)] = erf.load_models(args, CPU)
     progress = ProgressLine(enabled=False)
@@ -46,7 +48,7 @@ def test_scores_of_a_batch_are_those_of_its_images_one_by_one(tiny_run: TinyRun)
 
 def test_trained_and_random_models_side_by_side(tiny_run: TinyRun, tmp_path: Path, capsys) -> None:
     output = tmp_path / "erf.png"
-    assert erf.main(["--resume", str(tiny_run.checkpoint), "random", "--data-path", str(tiny_run.images),
+    assert erf.main(["--checkpoint", str(tiny_run.checkpoint), "random", "--data-path", str(tiny_run.images),
                      "--num-images", "6", "--output", str(output)]) == 0
     lines = capsys.readouterr().out.splitlines()
     header = next(line for line in lines if line.startswith("model"))
@@ -60,7 +62,7 @@ def test_trained_and_random_models_side_by_side(tiny_run: TinyRun, tmp_path: Pat
 
 def test_any_input_size_the_model_is_built_for(tiny_run: TinyRun, tmp_path: Path, capsys) -> None:
     cfg = write_config(tmp_path / "big.yaml", tiny_run.images, tmp_path / "out", {"DATA": {"IMG_SIZE": 64}})
-    assert erf.main(["--resume", "random", "--cfg", str(cfg), "--data-path", str(tiny_run.images), "--stage", "2",
+    assert erf.main(["--checkpoint", "random", "--cfg", str(cfg), "--data-path", str(tiny_run.images), "--stage", "2",
                      "--num-images", "3", "--output", str(tmp_path / "erf.png")]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("random"))
     assert " 3 " in row and "64x64" in row
@@ -92,31 +94,32 @@ def test_a_non_square_model_end_to_end(tiny_run: TinyRun, tmp_path: Path, capsys
     """Needs StripMLPNet(img_size=(H, W))."""
     cfg = write_config(tmp_path / "wide.yaml", tiny_run.images, tmp_path / "out", {"DATA": {"IMG_SIZE": [64, 96]}})
     output = tmp_path / "erf.png"
-    assert erf.main(["--resume", "random", "--cfg", str(cfg), "--data-path", str(tiny_run.images), "--stage", "3",
+    assert erf.main(["--checkpoint", "random", "--cfg", str(cfg), "--data-path", str(tiny_run.images), "--stage", "3",
                      "--num-images", "3", "--output", str(output)]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("random"))
     assert " 3 " in row and "64x96" in row
     assert output.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_bad_input_gives_one_line(tiny_run: TinyRun, tmp_path: Path, capsys) -> None:
+def test_bad_input_is_refused(tiny_run: TinyRun, tmp_path: Path) -> None:
     common = ["--data-path", str(tiny_run.images), "--output", str(tmp_path / "erf.png")]
+    checkpoint = ["--checkpoint", str(tiny_run.checkpoint)]
     cases = [
-        (["--resume", str(tiny_run.checkpoint), "--stage", "5", *common], "--stage 5: the model has stages 1 to 4"),
-        (["--resume", "random", *common], "'random' needs a config: give --cfg FILE"),
-        (["--resume", str(tiny_run.checkpoint), "--num-images", "0", *common], "must be 1 or more"),
-        (["--resume", str(tiny_run.checkpoint), "--data-path", str(tmp_path / "none"), "--output", "x.png"],
+        ([*checkpoint, "--stage", "5", *common], RunError, "--stage 5: the model has stages 1 to 4"),
+        (["--checkpoint", "random", *common], RunError, "'random' needs a config: give --cfg FILE"),
+        ([*checkpoint, "--num-images", "0", *common], RunError, "must be 1 or more"),
+        ([*checkpoint, "--data-path", str(tmp_path / "none"), "--output", "x.png"], DataError,
          "is not a folder; set DATA.DATA_PATH"),
     ]
-    for args, message in cases:
-        assert erf.main(args) == 1, args
-        err = capsys.readouterr().err
-        assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+    for args, error, message in cases:
+        with pytest.raises(error) as refused:
+            erf.main(args)
+        assert message in str(refused.value), args
     assert not (tmp_path / "erf.png").exists()
 
 
 def test_models_take_the_data_path_as_their_dataset_root(tiny_run: TinyRun) -> None:
-    args = argparse.Namespace(resume=["random", str(tiny_run.checkpoint)], cfg=None, opts=["DATA.NUM_WORKERS", "0"],
+    args = argparse.Namespace(checkpoint=["random", str(tiny_run.checkpoint)], cfg=None, opts=["DATA.NUM_WORKERS", "0"],
                               data_path="/somewhere", device="cpu")
     models = erf.load_models(args, CPU)
     assert [label for label, _, _ in models] == ["random (untrained)", "tiny/run/best.pth"]

@@ -9,11 +9,12 @@ import pytest
 import torch
 from conftest import TinyRun
 
-from checkpoint import load_for_inference
 from models import StripMLPNet
+from utils import RunError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import export  # noqa: E402  (tools/ is a folder of scripts, not a package)
+from model_cli import load_for_inference  # noqa: E402
 
 
 def run_file(fmt: str, path: Path, images: torch.Tensor) -> torch.Tensor:
@@ -32,7 +33,7 @@ def run_file(fmt: str, path: Path, images: torch.Tensor) -> torch.Tensor:
 def test_each_format_runs_like_the_model_at_any_batch_size(tiny_run: TinyRun, tmp_path: Path, fmt: str, suffix: str,
                                                          capsys) -> None:
     output = tmp_path / f"model{suffix}"
-    assert export.main(["--resume", str(tiny_run.checkpoint), "--format", fmt, "--output", str(output)]) == 0
+    assert export.main(["--checkpoint", str(tiny_run.checkpoint), "--format", fmt, "--output", str(output)]) == 0
     out = capsys.readouterr().out
     assert f"wrote {output} ({fmt}, dynamic batch" in out
     assert "largest |logit difference| from PyTorch over batches of 1, 3: " in out and "(tolerance 0.001)" in out
@@ -45,7 +46,7 @@ def test_each_format_runs_like_the_model_at_any_batch_size(tiny_run: TinyRun, tm
 
 def test_a_fixed_batch_is_fixed_in_the_onnx_graph(tiny_run: TinyRun, tmp_path: Path, capsys) -> None:
     output = tmp_path / "model.onnx"
-    assert export.main(["--resume", str(tiny_run.checkpoint), "--format", "onnx", "--output", str(output),
+    assert export.main(["--checkpoint", str(tiny_run.checkpoint), "--format", "onnx", "--output", str(output),
                         "--batch-size", "4"]) == 0
     assert "over batches of 4, 4" in capsys.readouterr().out
     assert onnxruntime.InferenceSession(str(output)).get_inputs()[0].shape == [4, 3, 32, 32]
@@ -55,35 +56,34 @@ def test_a_difference_above_the_tolerance_fails(tiny_run: TinyRun, tmp_path: Pat
     real = export.load_exported
     monkeypatch.setattr(export, "load_exported", lambda *args: (lambda images: real(*args)(images) + 0.01))
     output = tmp_path / "model.ts"
-    assert export.main(["--resume", str(tiny_run.checkpoint), "--format", "torchscript", "--output", str(output)]) == 1
-    captured = capsys.readouterr()
-    assert "largest |logit difference| from PyTorch over batches of 1, 3: 0.01 " in captured.out
-    assert captured.err.startswith("error: the exported model differs from PyTorch by 0.01, more than --tolerance")
+    with pytest.raises(RunError, match=r"^the exported model differs from PyTorch by 0.01, more than --tolerance"):
+        export.main(["--checkpoint", str(tiny_run.checkpoint), "--format", "torchscript", "--output", str(output)])
+    assert "largest |logit difference| from PyTorch over batches of 1, 3: 0.01 " in capsys.readouterr().out
     assert output.exists()  # kept for inspection
 
 
-def test_missing_packages_and_bad_arguments_give_one_line(tiny_run: TinyRun, tmp_path: Path, capsys,
-                                                          monkeypatch) -> None:
-    resume = ["--resume", str(tiny_run.checkpoint)]
-    assert export.main([*resume, "--format", "exported", "--output", str(tmp_path / "model.onnx")]) == 1
-    assert "name the output" in capsys.readouterr().err and not (tmp_path / "model.onnx").exists()
-    assert export.main([*resume, "--format", "torchscript", "--output", str(tmp_path / "m.ts"),
-                        "--tolerance", "-1"]) == 1
-    assert "--tolerance must be 0 or more" in capsys.readouterr().err
+def test_missing_packages_and_bad_arguments_are_refused(tiny_run: TinyRun, tmp_path: Path, capsys,
+                                                        monkeypatch) -> None:
+    checkpoint = ["--checkpoint", str(tiny_run.checkpoint)]
+    with pytest.raises(RunError, match="name the output"):
+        export.main([*checkpoint, "--format", "exported", "--output", str(tmp_path / "model.onnx")])
+    assert not (tmp_path / "model.onnx").exists()
+    with pytest.raises(RunError, match="--tolerance must be 0 or more"):
+        export.main([*checkpoint, "--format", "torchscript", "--output", str(tmp_path / "m.ts"), "--tolerance", "-1"])
     (tmp_path / "a_file").write_text("")
-    assert export.main([*resume, "--format", "torchscript", "--output", str(tmp_path / "a_file" / "m.ts")]) == 1
-    assert capsys.readouterr().err == f"error: --output {tmp_path / 'a_file'}: {tmp_path / 'a_file'} is a file, not " \
-                                      "a folder; give another path\n"
-    with pytest.raises(SystemExit):
-        export.main([*resume, "--format", "onnx", "--output", str(tmp_path / "m.onnx"), "--batch-size", "0"])
+    with pytest.raises(RunError) as refused:
+        export.main([*checkpoint, "--format", "torchscript", "--output", str(tmp_path / "a_file" / "m.ts")])
+    assert str(refused.value) == f"--output {tmp_path / 'a_file'}: {tmp_path / 'a_file'} is a file, not a folder; " \
+                                 "give another path"
+    with pytest.raises(SystemExit):  # argparse's usage error
+        export.main([*checkpoint, "--format", "onnx", "--output", str(tmp_path / "m.onnx"), "--batch-size", "0"])
     assert "expected a positive number or 'dynamic', got '0'" in capsys.readouterr().err
 
     real_find_spec = export.importlib.util.find_spec
     monkeypatch.setattr(export.importlib.util, "find_spec",
                         lambda name: None if name == "onnxruntime" else real_find_spec(name))
-    assert export.main([*resume, "--format", "onnx", "--output", str(tmp_path / "m.onnx")]) == 1
-    err = capsys.readouterr().err
-    assert "onnxruntime not installed: pip install -r requirements-dev.txt" in err and len(err.splitlines()) == 1
+    with pytest.raises(RunError, match="onnxruntime not installed: pip install -r requirements-dev.txt"):
+        export.main([*checkpoint, "--format", "onnx", "--output", str(tmp_path / "m.onnx")])
 
 
 def test_the_model_computes_the_same_with_and_without_gradients() -> None:

@@ -60,18 +60,18 @@ def test_without_cuda_it_stops_with_one_line(tmp_path: Path) -> None:
 def test_before_cuda_it_exports_the_baseline_from_git_or_names_the_fix(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     folder = tmp_path / gpu_check.BASELINE
-    with pytest.raises(SystemExit, match="^error: no CUDA device"):
+    with pytest.raises(gpu_check.CheckError, match="^no CUDA device"):
         gpu_check.check_ready(folder, needs_baseline=True)
     assert benchmark.is_model_folder(str(folder))  # exported before CUDA was asked for
     monkeypatch.setattr(gpu_check, "ROOT", tmp_path)  # a copy of the working tree without .git
-    with pytest.raises(SystemExit, match=r"^error: .*other holds no models/ package .* --prepare .* carry .baseline$"):
+    with pytest.raises(gpu_check.CheckError, match=r"other holds no models/ package .* --prepare .* carry .baseline$"):
         gpu_check.check_ready(tmp_path / "other", needs_baseline=True)
 
 
 def test_missing_packages_are_named_with_the_fix(monkeypatch) -> None:
     real = gpu_check.importlib.util.find_spec
     monkeypatch.setattr(gpu_check.importlib.util, "find_spec", lambda name: None if name == "yacs" else real(name))
-    with pytest.raises(SystemExit, match=r"^error: missing Python packages yacs: install the carried wheels first"):
+    with pytest.raises(gpu_check.CheckError, match=r"^missing Python packages yacs: install the carried wheels first"):
         gpu_check.check_ready(Path("unused"), needs_baseline=False)
 
 
@@ -248,7 +248,7 @@ def test_prepare_downloads_the_locked_versions_for_the_gpu_machines_python(tmp_p
                            "-d", str(tmp_path), *pins]
     lock = tmp_path / "lock.txt"
     lock.write_text("# pins\nyacs==0.1.8\n")
-    with pytest.raises(SystemExit, match="^error: lock.txt pins no version of termcolor$"):
+    with pytest.raises(gpu_check.CheckError, match="^lock.txt pins no version of termcolor$"):
         gpu_check.locked_versions(["yacs", "termcolor"], lock)
 
 

@@ -13,7 +13,9 @@ from run_helpers import write_config
 from timm.data import ImageNetInfo
 
 import main
-from checkpoint import load_checkpoint_file, save_checkpoint
+from checkpoint import CheckpointError, load_checkpoint_file, save_checkpoint
+from config import ConfigError
+from utils import RunError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import predict  # noqa: E402  (tools/ is a folder of scripts, not a package)
@@ -26,7 +28,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 def test_folder_predictions_equal_what_eval_counts(tiny_run: TinyRun, tmp_path: Path, capsys) -> None:
     val = tiny_run.images / "val"
-    assert predict.main(["--resume", str(tiny_run.checkpoint), str(val), "--batch-size", "4",
+    assert predict.main(["--checkpoint", str(tiny_run.checkpoint), str(val), "--batch-size", "4",
                          "--output", str(tmp_path / "predictions.csv")]) == 0
     out = capsys.readouterr().out
     predicted = {row["path"]: row for row in read_csv(tmp_path / "predictions.csv")}
@@ -52,7 +54,7 @@ def test_unreadable_files_are_reported_and_the_others_predicted(tiny_run: TinyRu
     shutil.copytree(tiny_run.images / "val" / "class_2", folder / "sub")
     (folder / "truncated.png").write_bytes((folder / "sub" / "0.png").read_bytes()[:60])
     (folder / "notes.jpg").write_text("not an image")
-    args = ["--resume", str(tiny_run.checkpoint), "--topk", "2", "--output", str(tmp_path / "out.json")]
+    args = ["--checkpoint", str(tiny_run.checkpoint), "--topk", "2", "--output", str(tmp_path / "out.json")]
     assert predict.main([*args, str(folder), str(tmp_path / "missing"), str(folder / "sub" / "1.png")]) == 0
     err = capsys.readouterr().err
     assert f"cannot read {folder / 'truncated.png'}: " in err and f"cannot read {folder / 'notes.jpg'}: " in err
@@ -68,21 +70,22 @@ def test_unreadable_files_are_reported_and_the_others_predicted(tiny_run: TinyRu
     assert rows[7]["error"].startswith("no such file or folder")
 
 
-def test_nothing_predictable_or_bad_arguments_give_one_line(tiny_run: TinyRun, tmp_path: Path, capsys) -> None:
+def test_nothing_predictable_or_bad_arguments_are_refused(tiny_run: TinyRun, tmp_path: Path) -> None:
     (tmp_path / "bad.png").write_text("not an image")
-    resume = ["--resume", str(tiny_run.checkpoint)]
+    checkpoint = ["--checkpoint", str(tiny_run.checkpoint)]
     cases = [
-        ([*resume, str(tmp_path / "bad.png")], "none of the 1 files could be read as an image"),
-        ([*resume, str(tmp_path / "nothing*.png")], "no image files found in"),
-        ([*resume, str(tmp_path), "--output", str(tmp_path / "out.txt")], "expected a file name ending in .csv"),
-        (["--resume", str(tmp_path / "bad.png"), str(tmp_path)], "truncated or corrupt"),
-        ([*resume, str(tmp_path), "--opts", "DATA.IMG_SIZE", "30"],
+        ([*checkpoint, str(tmp_path / "bad.png")], RunError, "none of the 1 files could be read as an image"),
+        ([*checkpoint, str(tmp_path / "nothing*.png")], RunError, "no image files found in"),
+        ([*checkpoint, str(tmp_path), "--output", str(tmp_path / "out.txt")], RunError,
+         "expected a file name ending in .csv"),
+        (["--checkpoint", str(tmp_path / "bad.png"), str(tmp_path)], CheckpointError, "truncated or corrupt"),
+        ([*checkpoint, str(tmp_path), "--opts", "DATA.IMG_SIZE", "30"], ConfigError,
          "DATA.IMG_SIZE must be one side or [height, width], positive integers divisible by 32"),
     ]
-    for args, message in cases:
-        assert predict.main(args) == 1, args
-        err = capsys.readouterr().err
-        assert err.splitlines()[-1].startswith("error: ") and message in err and "Traceback" not in err, err
+    for args, error, message in cases:
+        with pytest.raises(error) as refused:
+            predict.main(args)
+        assert message in str(refused.value), args
 
 
 def test_an_output_that_cannot_be_written_stops_before_predicting(tiny_run: TinyRun, tmp_path: Path,
@@ -90,27 +93,28 @@ def test_an_output_that_cannot_be_written_stops_before_predicting(tiny_run: Tiny
     in_the_way = tmp_path / "a_file"
     in_the_way.write_text("")
     images = str(tiny_run.images / "val")
-    assert predict.main(["--resume", str(tiny_run.checkpoint), images, "--output", str(in_the_way / "p.csv")]) == 1
-    captured = capsys.readouterr()
-    assert captured.err == f"error: --output {in_the_way}: {in_the_way} is a file, not a folder; give another path\n"
-    assert captured.out == ""  # nothing was predicted first
+    with pytest.raises(RunError) as refused:
+        predict.main(["--checkpoint", str(tiny_run.checkpoint), images, "--output", str(in_the_way / "p.csv")])
+    assert str(refused.value) == f"--output {in_the_way}: {in_the_way} is a file, not a folder; give another path"
+    assert capsys.readouterr().out == ""  # nothing was predicted first
     (tmp_path / "folder.csv").mkdir()
-    assert predict.main(["--resume", str(tiny_run.checkpoint), images, "--output", str(tmp_path / "folder.csv")]) == 1
-    assert capsys.readouterr().err == f"error: --output {tmp_path / 'folder.csv'} is a folder; give a file name " \
-                                      "ending in .csv or .json\n"
+    with pytest.raises(RunError) as refused:
+        predict.main(["--checkpoint", str(tiny_run.checkpoint), images, "--output", str(tmp_path / "folder.csv")])
+    assert str(refused.value) == f"--output {tmp_path / 'folder.csv'} is a folder; give a file name ending in .csv " \
+                                 "or .json"
 
 
-def test_release_checkpoints_need_cfg_and_get_imagenet_names(tiny_run: TinyRun, tmp_path: Path, capsys) -> None:
+def test_release_checkpoints_need_cfg_and_get_imagenet_names(tiny_run: TinyRun, tmp_path: Path) -> None:
     """A release checkpoint holds weights only: the model comes from --cfg, and 1000 outputs get ImageNet's names."""
     weights = load_checkpoint_file(tiny_run.checkpoint)["model"]
     head = torch.nn.Linear(weights["head.weight"].shape[1], 1000)
     weights.update({"head.weight": head.weight.detach(), "head.bias": head.bias.detach()})
     save_checkpoint({"model": weights, "epoch": 299}, tmp_path / "release.pth")
     image = str(tiny_run.images / "val" / "class_0" / "0.png")
-    assert predict.main(["--resume", str(tmp_path / "release.pth"), image]) == 1
-    assert "carries no config of this repository" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="carries no config of this repository"):
+        predict.main(["--checkpoint", str(tmp_path / "release.pth"), image])
     cfg = write_config(tmp_path / "release.yaml", tiny_run.images, tmp_path / "out", {"MODEL": {"NUM_CLASSES": 1000}})
-    assert predict.main(["--resume", str(tmp_path / "release.pth"), "--cfg", str(cfg), image,
+    assert predict.main(["--checkpoint", str(tmp_path / "release.pth"), "--cfg", str(cfg), image,
                          "--output", str(tmp_path / "out.csv")]) == 0
     names = {description.split(",")[0] for description in ImageNetInfo().label_descriptions()}
     row = read_csv(tmp_path / "out.csv")[0]
@@ -118,6 +122,6 @@ def test_release_checkpoints_need_cfg_and_get_imagenet_names(tiny_run: TinyRun, 
 
 
 @pytest.mark.parametrize("flag", ["--topk", "--batch-size"])
-def test_counts_below_one_are_refused(tiny_run: TinyRun, flag: str, capsys) -> None:
-    assert predict.main(["--resume", str(tiny_run.checkpoint), flag, "0", str(tiny_run.images)]) == 1
-    assert "must be 1 or more" in capsys.readouterr().err
+def test_counts_below_one_are_refused(tiny_run: TinyRun, flag: str) -> None:
+    with pytest.raises(RunError, match="must be 1 or more"):
+        predict.main(["--checkpoint", str(tiny_run.checkpoint), flag, "0", str(tiny_run.images)])

@@ -14,6 +14,7 @@ from run_helpers import write_config
 
 from config import load_config
 from data import DataError, build_dataset
+from utils import RunError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import prepare_imagenet  # noqa: E402  (tools/ is a folder of scripts, not a package)
@@ -91,11 +92,12 @@ def test_symlink_and_copy_leave_the_flat_files(tmp_path: Path, mode: str, capsys
     assert f"{mode}: 0 images placed into {dst}/<wnid>/, 7 already in place" in capsys.readouterr().out
 
 
-def test_devkit_labels_through_torchvisions_parser(tmp_path: Path, capsys, monkeypatch) -> None:
+def test_devkit_labels_through_torchvisions_parser(tmp_path: Path, monkeypatch) -> None:
     val = flat_val(tmp_path / "val")
     archive = write_devkit(tmp_path / "devkit")
-    assert prepare_imagenet.main(["--val", str(val), "--devkit", str(archive)]) == 1
-    assert "is not the official ILSVRC2012_devkit_t12.tar.gz (its md5 differs)" in capsys.readouterr().err
+    with pytest.raises(RunError) as refused:
+        prepare_imagenet.main(["--val", str(val), "--devkit", str(archive)])
+    assert "is not the official ILSVRC2012_devkit_t12.tar.gz (its md5 differs)" in str(refused.value)
     # The fake archive passes once torchvision's md5 check (of the real archive) is bypassed; the parse is its own.
     monkeypatch.setattr(torchvision.datasets.imagenet, "_verify_archive", lambda *args: None)
     assert prepare_imagenet.main(["--val", str(val), "--devkit", str(archive), "--mode", "copy"]) == 0
@@ -124,7 +126,7 @@ def test_nothing_is_overwritten_and_every_gap_is_reported(tmp_path: Path, capsys
     assert f"{WNIDS[1]} 3/2" in captured.err and f"{WNIDS[2]} 2/3" in captured.err
 
 
-def test_bad_input_gives_one_line(tmp_path: Path, capsys) -> None:
+def test_bad_input_is_refused_before_anything_moves(tmp_path: Path) -> None:
     val = flat_val(tmp_path / "val")
     (tmp_path / "bad.csv").write_text("id,label\n1,2\n")
     (tmp_path / "broken.csv").write_text("ImageId,PredictionString\nILSVRC2012_val_00000001,cat 1 2 3 4\n")
@@ -139,9 +141,9 @@ def test_bad_input_gives_one_line(tmp_path: Path, capsys) -> None:
         (["--val", str(val), "--devkit", str(tmp_path / "devkit.tar.gz")], "(its md5 differs)"),
     ]
     for args, message in cases:
-        assert prepare_imagenet.main(args) == 1, args
-        err = capsys.readouterr().err
-        assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+        with pytest.raises(RunError) as refused:
+            prepare_imagenet.main(args)
+        assert message in str(refused.value), args
     assert len(list(val.iterdir())) == 7  # untouched
 
 

@@ -1,21 +1,17 @@
 """tools/split_caltech101.py on a fake 101_ObjectCategories tree."""
 
 import hashlib
-import importlib.util
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-# The tool is a script, not a package module: load it from its file.
-_spec = importlib.util.spec_from_file_location("split_caltech101", REPO / "tools" / "split_caltech101.py")
-split_caltech101 = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(split_caltech101)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import split_caltech101  # noqa: E402  (tools/ is a folder of scripts, not a package)
+from split_caltech101 import SplitError  # noqa: E402
 
 COUNTS = {"accordion": 10, "airplanes": 7, "anchor": 3, "BACKGROUND_Google": 5, "Faces": 2}
 
@@ -24,11 +20,6 @@ def _tree(root: Path) -> dict[str, str]:
     """Relative path -> content hash of every file under root (links followed)."""
     return {str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
             if p.is_file()}
-
-
-def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "tools" / "split_caltech101.py"), *args],
-                          capture_output=True, text=True)
 
 
 def test_split_counts_no_overlap_nothing_lost_background_out(caltech_source: Callable, tmp_path: Path) -> None:
@@ -89,23 +80,25 @@ def test_non_empty_destination_is_refused_and_left_alone(caltech_source: Callabl
     dst = tmp_path / "split"
     dst.mkdir()
     (dst / "notes.txt").write_text("mine")
-    result = _run("--src", str(src), "--dst", str(dst))
-    assert result.returncode == 2 and "is not empty" in result.stderr and "Traceback" not in result.stderr
-    forced = _run("--src", str(src), "--dst", str(dst), "--force")
-    assert forced.returncode == 2 and "only replaces this tool's output" in forced.stderr
+    with pytest.raises(SplitError, match="is not empty"):
+        split_caltech101.main(["--src", str(src), "--dst", str(dst)])
+    with pytest.raises(SplitError, match="only replaces this tool's output"):
+        split_caltech101.main(["--src", str(src), "--dst", str(dst), "--force"])
     assert [p.name for p in dst.iterdir()] == ["notes.txt"] and (dst / "notes.txt").read_text() == "mine"
 
 
-def test_force_replaces_only_what_the_manifest_lists(caltech_source: Callable, tmp_path: Path) -> None:
+def test_force_replaces_only_what_the_manifest_lists(caltech_source: Callable, tmp_path: Path, capsys) -> None:
     src = caltech_source({"a": 10, "b": 6})
     dst = tmp_path / "split"
-    assert _run("--src", str(src), "--dst", str(dst)).returncode == 0
+    assert split_caltech101.main(["--src", str(src), "--dst", str(dst)]) == 0
     (dst / "train" / "a" / "user_added.txt").write_text("keep")
     (dst / "README.txt").write_text("keep")
-    assert _run("--src", str(src), "--dst", str(dst), "--seed", "3").returncode == 2  # without --force
-    result = _run("--src", str(src), "--dst", str(dst), "--seed", "3", "--force")
-    assert result.returncode == 0, result.stderr
-    assert "train: 12 images in 2 classes" in result.stdout and "val: 4 images in 2 classes" in result.stdout
+    with pytest.raises(SplitError, match="is not empty"):  # without --force
+        split_caltech101.main(["--src", str(src), "--dst", str(dst), "--seed", "3"])
+    capsys.readouterr()
+    assert split_caltech101.main(["--src", str(src), "--dst", str(dst), "--seed", "3", "--force"]) == 0
+    out = capsys.readouterr().out
+    assert "train: 12 images in 2 classes" in out and "val: 4 images in 2 classes" in out
     assert (dst / "train" / "a" / "user_added.txt").read_text() == "keep" and (dst / "README.txt").exists()
     manifest = json.loads((dst / split_caltech101.MANIFEST).read_text())["classes"]
     for name, splits in manifest.items():
@@ -125,26 +118,26 @@ def test_force_replaces_only_what_the_manifest_lists(caltech_source: Callable, t
         (["--train-ratio", "0.2"], "has 3 files, too few to give both splits one"),
     ],
 )
-def test_bad_input_gives_one_line_and_exit_2(caltech_source: Callable, tmp_path: Path, args: list[str],
-                                             message: str) -> None:
+def test_bad_input_is_refused_before_any_output(caltech_source: Callable, tmp_path: Path, args: list[str],
+                                               message: str) -> None:
     src = caltech_source({"a": 3})
     (tmp_path / "EMPTY_CLASS" / "a").mkdir(parents=True)
     (tmp_path / "NO_CLASSES").mkdir()
     args = [str(tmp_path / a) if a.isupper() else a for a in args]
     full = ["--src", str(src), "--dst", str(tmp_path / "out"), *args]
-    result = _run(*full)
-    assert result.returncode == 2
-    assert message in result.stderr and result.stderr.strip().count("\n") == 0
+    with pytest.raises(SplitError, match=message):
+        split_caltech101.main(full)
     assert not (tmp_path / "out").exists()
 
 
-def test_a_destination_reaching_the_source_through_a_link_is_refused(caltech_source: Callable, tmp_path: Path,
-                                                                     capsys) -> None:
+def test_a_destination_reaching_the_source_through_a_link_is_refused(caltech_source: Callable, tmp_path: Path
+                                                                     ) -> None:
     src = caltech_source({"a": 3, "b": 3})
     link = tmp_path / "link"
     link.symlink_to(src)
     for dst, real in ((link / "split", src / "split"), (link, src)):
-        assert split_caltech101.main(["--src", str(src), "--dst", str(dst)]) == 2
-        assert capsys.readouterr().err == (f"error: destination {dst} lies inside the source {src} (it is {real}); "
-                                           "choose a folder outside it\n")
+        with pytest.raises(SplitError) as refused:
+            split_caltech101.main(["--src", str(src), "--dst", str(dst)])
+        assert str(refused.value) == (f"destination {dst} lies inside the source {src} (it is {real}); "
+                                      "choose a folder outside it")
     assert sorted(p.name for p in src.iterdir()) == ["a", "b"]

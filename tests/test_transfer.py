@@ -1,5 +1,6 @@
 """Transfer: parameter groups in forward order, resampling to other input sizes, the feature API."""
 
+import re
 import sys
 from pathlib import Path
 
@@ -11,7 +12,8 @@ from conftest import TinyRun, tiny_model
 from timm.models import group_parameters
 
 import main
-from checkpoint import checkpoint_config, load_checkpoint_file
+from checkpoint import load_checkpoint_file
+from config import ConfigError
 from data import build_loader
 from models import build_model, clean_state_dict
 from models.resample import interpolation_matrix, resample_position_table, resample_projection
@@ -19,6 +21,7 @@ from models.strip_mlp import StripMLPNet, checkpoint_filter_fn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import resize_eval  # noqa: E402  (tools/ is a folder of scripts, not a package)
+from model_cli import checkpoint_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -277,7 +280,7 @@ def test_a_feature_pyramid_consumes_the_maps_and_gradients_reach_the_stem() -> N
 
 def test_resize_eval_resampled_column_is_what_eval_at_that_size_gives(tiny_run: TinyRun, tmp_path: Path,
                                                                       capsys) -> None:
-    assert resize_eval.main(["--resume", str(tiny_run.checkpoint), "--sizes", "64", "[32, 64]"]) == 0
+    assert resize_eval.main(["--checkpoint", str(tiny_run.checkpoint), "--sizes", "64", "[32, 64]"]) == 0
     rows = [line.strip("|").split("|") for line in capsys.readouterr().out.splitlines()[2:]]
     table = {cells[0].strip(): [cell.strip() for cell in cells[1:]] for cells in rows}
     assert list(table) == ["32x32", "64x64", "32x64"]
@@ -290,11 +293,9 @@ def test_resize_eval_resampled_column_is_what_eval_at_that_size_gives(tiny_run: 
     assert f"{acc1:.2f}" == table["64x64"][1]
 
 
-def test_resize_eval_refuses_a_bad_size_in_one_line(tiny_run: TinyRun, capsys) -> None:
-    assert resize_eval.main(["--resume", str(tiny_run.checkpoint), "--sizes", "48"]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "DATA.IMG_SIZE must be one side or [height, width], positive" in err
-    assert err.count("\n") == 1
+def test_resize_eval_refuses_a_bad_size(tiny_run: TinyRun) -> None:
+    with pytest.raises(ConfigError, match=re.escape("DATA.IMG_SIZE must be one side or [height, width], positive")):
+        resize_eval.main(["--checkpoint", str(tiny_run.checkpoint), "--sizes", "48"])
 
 
 @pytest.mark.slow

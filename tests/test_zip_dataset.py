@@ -279,8 +279,8 @@ def test_the_tool_never_modifies_the_source_and_refuses_what_it_would_overwrite(
         ([str(src / "train"), str(tmp_path / "new")], f"source {src / 'train'} holds neither train/ nor val/"),
     ]
     for args, message in refusals:
-        assert make_zip_dataset.main(args) == 1
-        err = capsys.readouterr().err
-        assert err.startswith(f"error: {message}") and err.count("\n") == 1
+        with pytest.raises(make_zip_dataset.PackError) as refused:
+            make_zip_dataset.main(args)
+        assert str(refused.value).startswith(message)
     assert _snapshot(src) == before and _snapshot(tmp_path / "out") == packed
     assert not (src / "packed").exists() and not (tmp_path / "new").exists()

@@ -29,19 +29,19 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import ModuleType
 from unittest import mock
 
 import torch
+from cli import ROOT, run_tool  # puts the checkout on the path for the imports below
 from torch.utils.flop_counter import FlopCounterMode
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from engine import compile_model  # noqa: E402  (the repository is on the path only now)
-from measure import images_per_second, peak_memory_mb, time_paired  # noqa: E402
+from engine import compile_model
+from measure import images_per_second, peak_memory_mb, time_paired
+from utils import RunError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODEL_PACKAGE = "models"
@@ -71,7 +71,7 @@ def export_models(revision: str, folder: Path) -> Path:
         archive = subprocess.run([*git, "archive", revision, MODEL_PACKAGE], check=True, capture_output=True).stdout
     except (OSError, subprocess.CalledProcessError) as error:
         reason = error.stderr.decode().strip() if isinstance(error, subprocess.CalledProcessError) else error
-        raise SystemExit(f"error: cannot read {MODEL_FILE} at revision {revision!r}: {reason}") from None
+        raise RunError(f"cannot read {MODEL_FILE} at revision {revision!r}: {reason}") from None
     folder.mkdir(parents=True, exist_ok=True)
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(folder, filter="data")
@@ -110,7 +110,7 @@ def load_implementation(revision: str | None) -> ModuleType:
 
 def build(module: ModuleType, setting: Setting) -> torch.nn.Module:
     if setting.model not in module.VARIANTS:
-        raise SystemExit(f"error: unknown model {setting.model!r}; valid: {', '.join(module.VARIANTS)}")
+        raise RunError(f"unknown model {setting.model!r}; valid: {', '.join(module.VARIANTS)}")
     model = module.StripMLPNet(img_size=setting.img_size, **module.VARIANTS[setting.model])
     memory_format = torch.channels_last if setting.channels_last else torch.contiguous_format
     return model.to(setting.device, memory_format=memory_format)
@@ -154,7 +154,6 @@ class Step:
 
 
 def _peak_memory_child(revision: str | None, setting: Setting, train: bool, queue) -> None:
-    sys.path.insert(0, str(ROOT))
     step = Step(build(load_implementation(revision), setting), setting, train)
     for _ in range(2):
         step()
@@ -170,8 +169,8 @@ def measure_peak_memory(revision: str | None, setting: Setting, train: bool) -> 
     child.start()
     child.join()  # the child's one number fits the queue's pipe, so it has left the child when the child ends
     if child.exitcode != 0:  # waiting on the queue would wait for ever
-        raise SystemExit(f"error: measuring the peak memory of {revision or 'the current model'} failed in its child "
-                         f"process (exit status {child.exitcode}; its error is above); --no-memory skips it")
+        raise RunError(f"measuring the peak memory of {revision or 'the current model'} failed in its child "
+                       f"process (exit status {child.exitcode}; its error is above); --no-memory skips it")
     return queue.get()
 
 
@@ -241,7 +240,7 @@ def write_rows(rows: list[dict], csv_path: Path | None, json_path: Path | None) 
                 handle.write(json.dumps(row) + "\n")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="strip_mlp_tiny", help="registered variant, e.g. strip_mlp_tiny")
     parser.add_argument("--img-size", type=int, default=224)
@@ -271,7 +270,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -283,8 +282,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"{setting}")
     print_table(rows)
     write_rows(rows, args.csv, args.json)
-    return rows
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main))

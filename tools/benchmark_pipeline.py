@@ -33,18 +33,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from cli import ROOT, run_tool  # puts the checkout on the path for the imports below
 from PIL import Image
 from timm.data import create_transform
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from config import load_config  # noqa: E402  (the repository is on the path only now)
-from data import TrainSampler, build_dataset  # noqa: E402
-from data.datasets import load_rgb_image, read_image  # noqa: E402
-from utils import image_size  # noqa: E402
+from config import load_config
+from data import TrainSampler, build_dataset
+from data.datasets import load_rgb_image, read_image
+from utils import RunError, image_size, make_folder
 
 # scikit-image's colour photographs (shipped inside its package; no download).
 PHOTOS = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry", "retina", "rocket")
@@ -54,8 +52,8 @@ def photographs() -> list[Image.Image]:
     try:
         from skimage import data as skdata
     except ImportError:
-        raise SystemExit("error: the benchmark makes its JPEGs from scikit-image's photographs: "
-                         "pip install -r requirements-dev.txt") from None
+        raise RunError("the benchmark makes its JPEGs from scikit-image's photographs: "
+                       "pip install -r requirements-dev.txt") from None
     pictures = [Image.fromarray(getattr(skdata, name)()).convert("RGB") for name in PHOTOS]
     return pictures + [Image.fromarray(view) for view in skdata.stereo_motorcycle()[:2]]
 
@@ -167,7 +165,7 @@ def cpu_model() -> str:
     return "unknown CPU"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=160, help="JPEGs to make (one pass over them per round)")
     parser.add_argument("--img-size", type=int, default=224, help="training input side")
@@ -182,8 +180,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.json is not None:
+        make_folder(args.json.parent, "--json")  # before the work, not after it
     torch.set_num_threads(1)  # as in a loader worker, for --workers 0 and --stages
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
@@ -217,8 +217,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json is not None:
         with args.json.open("a") as handle:
             handle.write(json.dumps(result) + "\n")
-    return result
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main))

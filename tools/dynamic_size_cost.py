@@ -14,17 +14,16 @@ import ast
 import statistics
 import sys
 import time
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Sequence
 
 import timm
 import torch
+from cli import run_tool  # puts the checkout on the path for the imports below
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import models  # noqa: E402,F401  (registers the variants)
-from models.layers import RelativePosition, ResampledCache, StripProjection  # noqa: E402
-from models.resample import strip_maps  # noqa: E402
+from models import VARIANTS  # importing models registers the variants with timm
+from models.layers import RelativePosition, ResampledCache, StripProjection
+from models.resample import strip_maps
+from utils import RunError
 
 
 def seconds(run: Callable[[], object]) -> float:
@@ -33,7 +32,7 @@ def seconds(run: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="strip_mlp_tiny", help="registered variant")
     parser.add_argument("--built", type=int, default=224, help="input size the dynamic model is built for")
@@ -41,8 +40,14 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each kind")
     parser.add_argument("--model-kwargs", default="{}", help="extra constructor keywords, a Python dict literal")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def compare(args: argparse.Namespace) -> list[tuple[str, float, float]]:
+    """Time the dynamic model against the one built at ``--size`` and print the table; returns its rows
+    (name, seconds built at --size, seconds dynamic)."""
+    if args.model not in VARIANTS:
+        raise RunError(f"unknown model {args.model!r}; valid: {', '.join(VARIANTS)}")
     extra = ast.literal_eval(args.model_kwargs)
     torch.manual_seed(0)
     fixed = timm.create_model(args.model, img_size=args.size, **extra)
@@ -104,5 +109,10 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
     return rows
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    compare(parse_args(argv))
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main))

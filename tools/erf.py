@@ -1,6 +1,6 @@
 """Effective receptive field (ERF) of trained models, measured as RepLKNet's visualize_erf.py and analyze_erf.py do.
 
-    python tools/erf.py --resume CKPT [CKPT|random ...] [--cfg FILE] --data-path DIR [--num-images 50] [--stage 4]
+    python tools/erf.py --checkpoint CKPT [CKPT|random ...] [--cfg FILE] --data-path DIR [--num-images 50] [--stage 4]
         --output erf.png [--batch-size 8] [--opts KEY VALUE ...] [--device auto|cpu|cuda]
 
 For each model, N validation images of DIR (the dataset root, laid out as the model's DATA.DATASET expects) go
@@ -25,12 +25,13 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from model_cli import add_model_arguments, device_of, run_tool  # puts the repository on the path
+from cli import run_tool  # puts the checkout on the path for the imports below
+from model_cli import add_model_arguments, checkpoint_config, device_of, load_for_inference
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from yacs.config import CfgNode
 
-from checkpoint import checkpoint_config, load_checkpoint_file, load_for_inference
+from checkpoint import load_checkpoint_file
 from config import load_config
 from data import DeviceLoader, build_dataset
 from logger import ProgressLine
@@ -77,17 +78,17 @@ def random_model_config(args: argparse.Namespace, opts: list[str]) -> CfgNode:
     """The config of ``random``: ``--cfg``, else the one the first checkpoint carries."""
     if args.cfg:
         return load_config(args.cfg, opts)
-    first = next((path for path in args.resume if path != RANDOM), None)
+    first = next((path for path in args.checkpoint if path != RANDOM), None)
     if first is None:
         raise RunError("'random' needs a config: give --cfg FILE, or a checkpoint beside it to take the config from")
     return checkpoint_config(load_checkpoint_file(first), first, None, opts)
 
 
 def load_models(args: argparse.Namespace, device: torch.device) -> list[tuple[str, CfgNode, nn.Module]]:
-    """(label, config, model in eval mode) for each ``--resume`` entry; --data-path becomes DATA.DATA_PATH."""
+    """(label, config, model in eval mode) for each ``--checkpoint`` entry; --data-path becomes DATA.DATA_PATH."""
     opts = [*args.opts, "DATA.DATA_PATH", args.data_path]
     models = []
-    for entry in args.resume:
+    for entry in args.checkpoint:
         if entry == RANDOM:
             config = random_model_config(args, opts)
             seed_everything(config.SEED)
@@ -231,8 +232,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_tool(run, build_parser(), argv)
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

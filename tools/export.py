@@ -1,6 +1,6 @@
 """Export a trained model for deployment (ONNX, TorchScript or a torch.export program) and check it against PyTorch.
 
-    python tools/export.py --resume CKPT [--cfg FILE] --format onnx|torchscript|exported --output FILE
+    python tools/export.py --checkpoint CKPT [--cfg FILE] --format onnx|torchscript|exported --output FILE
         [--batch-size N|dynamic] [--tolerance 1e-3] [--opts KEY VALUE ...] [--device auto|cpu|cuda]
 
 The model is exported in eval mode without gradients, so its hand-written autograd functions (which only speed up
@@ -23,7 +23,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from model_cli import add_model_arguments, device_of, load_model, run_tool  # puts the repository on the path
+from cli import run_tool  # puts the checkout on the path for the imports below
+from model_cli import add_model_arguments, device_of, load_for_inference
 from torch import nn
 
 from utils import RunError, image_size, make_folder
@@ -130,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         raise RunError(f"--tolerance must be 0 or more, got {args.tolerance}")
     make_folder(args.output.parent, "--output")
     device = device_of(args)
-    config, model, _ = load_model(args.resume, args, device)
+    config, model, _ = load_for_inference(args.checkpoint, args.cfg, args.opts, device)
     size, channels = image_size(config.DATA.IMG_SIZE), config.MODEL.STRIP_MLP.IN_CHANS
     dynamic = args.batch_size is None
     example = torch.randn(args.batch_size or EXAMPLE_BATCH, channels, *size, device=device)
@@ -154,8 +155,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_tool(run, build_parser(), argv)
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

@@ -34,10 +34,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
+import benchmark
+from cli import ROOT, run_tool  # puts the checkout on the path for the imports below
 
-import benchmark  # noqa: E402  (tools/ is a folder of scripts, not a package)
+from utils import RunError
 
 WORK = ROOT / "output" / "gpu_check"  # the check's own folder, emptied at its start
 BASELINE = "55ee36f"  # the first, release-equivalent implementation
@@ -56,11 +56,8 @@ DEFAULT_BUDGET_S = 345.0  # six minutes, less the start-up before the first part
 MIN_PART_S = 10.0  # a part is not started with less than this left of the budget
 
 
-class CheckError(SystemExit):
-    """A reason the check cannot start: one line, exit status 1."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(f"error: {message}")
+class CheckError(RunError):
+    """A reason the check cannot start."""
 
 
 def last_line(output: str) -> str:
@@ -456,6 +453,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     baseline_folder = BASELINE_ROOT / args.baseline
     parts = select(plan(baseline_folder), args.only, args.skip)
+    if not parts:
+        raise CheckError(f"no part is left to run (--only {' '.join(args.only) or '*'}, --skip "
+                         f"{' '.join(args.skip) or 'nothing'}); --list shows the parts' names")
     if args.list:
         for part in parts:
             print(f"{part.name} (limit {part.limit_s:.0f} s, {part.min_gpus}+ GPU): {' '.join(part.command)}")
@@ -477,4 +477,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

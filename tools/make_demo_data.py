@@ -7,27 +7,25 @@ example before a multi-process run or to look at the images. Running it again ch
 """
 
 import argparse
-import os
 import sys
+from collections.abc import Sequence
 
-# Run as a script from anywhere: the data package lives in the repository root, one level up.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cli import run_tool  # puts the checkout on the path for the imports below
 
-from data import DataError, make_demo_digits  # noqa: E402
+from data import DataError, make_demo_digits
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Write the demo digits dataset as train/ and val/ image folders.")
     parser.add_argument("--dst", default="datasets/demo_digits", help="output folder (configs/demo's DATA_PATH)")
     args = parser.parse_args(argv)
     try:
         written = make_demo_digits(args.dst)
-    except (DataError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except OSError as err:  # an unwritable --dst, say
+        raise DataError(f"cannot write the demo dataset to {args.dst}: {err}") from err
     print(f"{'wrote' if written else 'already there:'} {args.dst}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

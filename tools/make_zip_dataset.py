@@ -17,15 +17,19 @@ import argparse
 import os
 import sys
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
+from cli import run_tool  # puts the checkout on the path for the imports below
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+from utils import RunError
 
 SPLITS = ("train", "val")
 
 
-class PackError(RuntimeError):
-    """A refused request; its message is one line for the user."""
+class PackError(RunError):
+    """A refused request, or a file that cannot be read or written."""
 
 
 def split_samples(split_dir: Path) -> tuple[list[tuple[str, int]], list[str]]:
@@ -74,16 +78,15 @@ def pack(src: Path, dst: Path) -> dict[str, tuple[int, int, int]]:
     return {split: pack_split(src / split, dst, split) for split in splits}
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("src", type=Path, help="image-folder tree: train/<class>/, val/<class>/")
     parser.add_argument("dst", type=Path, help="new or empty folder for <split>.zip and <split>_map.txt")
     args = parser.parse_args(argv)
     try:
         written = pack(args.src, args.dst)
-    except (PackError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except OSError as err:  # an unreadable image or a full disk, say
+        raise PackError(str(err)) from err
     for split, (images, classes, size) in written.items():
         archive = args.dst / f"{split}.zip"
         print(f"{split}: {images} images of {classes} classes -> {archive} ({size / 2**20:.1f} MiB)")
@@ -91,4 +94,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

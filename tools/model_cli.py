@@ -1,34 +1,42 @@
-"""The command line that the tools around a trained model share: which checkpoint, which config, which device, and
-errors as one line.
+"""What the tools around a trained model share: their command line (which checkpoint, which config, which device)
+and the model loader.
 
 Every such tool reads the model's config from the checkpoint (ours carry it as YAML) unless ``--cfg`` names one
-(the release's checkpoints carry none of ours), applies ``--opts KEY VALUE ...`` as ``main.py`` does, and turns a
-user-facing error (:class:`utils.RunError`) into ``error: ...`` on stderr and exit status 1.
+(the release's checkpoints carry none of ours), and applies ``--opts KEY VALUE ...`` as ``main.py`` does.
 """
 
 import argparse
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any, NamedTuple
 
+import cli  # noqa: F401  (puts the checkout on the path for the imports below)
 import torch
+from timm.data import ImageNetInfo
+from torch import nn
 from yacs.config import CfgNode
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from checkpoint import CheckpointError, fit_state_dict, load_checkpoint_file
+from config import DEVICES, config_from_text, load_config
+from distributed import DistEnv, resolve_device
+from engine import StepSettings
+from models import build_model
 
-from checkpoint import Inference, load_for_inference  # noqa: E402  (the repository is on the path only now)
-from config import DEVICES  # noqa: E402
-from distributed import DistEnv, resolve_device  # noqa: E402
-from engine import StepSettings  # noqa: E402
-from utils import RunError  # noqa: E402
+
+class Inference(NamedTuple):
+    """A model ready to predict: its config, the model in eval mode on its device, and its class names."""
+
+    config: CfgNode
+    model: nn.Module
+    classes: list[str]
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, several: bool = False) -> None:
-    """``--resume`` (one checkpoint, or several when ``several``), ``--cfg``, ``--opts`` and ``--device``."""
-    parser.add_argument("--resume", required=True, nargs="+" if several else None, metavar="CKPT",
-                        help="checkpoint(s) to load: ours, or the release's with --cfg" if several else
-                        "checkpoint to load: ours, or the release's with --cfg")
+    """``--checkpoint`` (one, or several when ``several``; ``--resume`` is its former name), ``--cfg``, ``--opts``
+    and ``--device``."""
+    parser.add_argument("--checkpoint", "--resume", dest="checkpoint", required=True, nargs="+" if several else None,
+                        metavar="CKPT", help=("checkpoint(s) to load" if several else "checkpoint to load")
+                        + ": ours, or the release's with --cfg (--resume: its former name)")
     parser.add_argument("--cfg", metavar="FILE",
                         help="config of the model (default: the one the checkpoint carries); needed for the "
                              "release's checkpoints, e.g. configs/imagenet1k/strip_mlp_tiny.yaml")
@@ -42,22 +50,48 @@ def device_of(args: argparse.Namespace) -> torch.device:
     return resolve_device(args.device, 0)
 
 
-def load_model(path: str, args: argparse.Namespace, device: torch.device) -> Inference:
-    """The checkpoint's model in eval mode on ``device``, its config (``--cfg``/``--opts`` applied) and class names."""
-    return load_for_inference(path, args.cfg, args.opts, device)
-
-
 def eval_settings(config: CfgNode, device: torch.device) -> StepSettings:
     """How ``engine.validate`` would run this config on one process: precision and memory format."""
     return StepSettings.from_config(config, DistEnv(rank=0, world_size=1, local_rank=0, device=device))
 
 
-def run_tool(body: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser,
-             argv: Sequence[str] | None) -> int:
-    """Parse ``argv`` and run ``body``; a RunError becomes one line on stderr and exit status 1."""
-    args = parser.parse_args(argv)
-    try:
-        return body(args)
-    except RunError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+def checkpoint_class_names(checkpoint: Mapping[str, Any], num_classes: int) -> list[str]:
+    """The class names a checkpoint carries; for a 1000-class one without them (the release's), ImageNet-1K's
+    names as timm ships them; otherwise the class indices."""
+    names = checkpoint.get("classes")
+    if names and len(names) == num_classes:
+        return list(names)
+    if num_classes == 1000:
+        return [description.split(",")[0] for description in ImageNetInfo().label_descriptions()]
+    return [str(index) for index in range(num_classes)]
+
+
+def checkpoint_config(checkpoint: Mapping[str, Any], source: str, cfg_file: str | None = None,
+                      opts: Sequence[str] = ()) -> CfgNode:
+    """The config of a trained model: ``cfg_file`` when given, else the config the checkpoint carries (ours
+    save it as YAML); ``opts`` (KEY VALUE pairs) override either.
+
+    Raises:
+        CheckpointError: no ``cfg_file`` and the checkpoint carries no config of ours (the release's do not).
+    """
+    if cfg_file:
+        return load_config(cfg_file, opts)
+    if not isinstance(checkpoint.get("config"), str):
+        raise CheckpointError(f"{source} carries no config of this repository (a release checkpoint?); give --cfg "
+                              "naming its variant and dataset, e.g. configs/imagenet1k/strip_mlp_tiny.yaml")
+    return config_from_text(checkpoint["config"], source, opts)
+
+
+def load_for_inference(path: str | Path, cfg_file: str | None = None, opts: Sequence[str] = (),
+                       device: str | torch.device = "cpu") -> Inference:
+    """Build the model a checkpoint (ours or the release's) holds, with its weights, in eval mode on ``device``.
+
+    Raises:
+        CheckpointError: unreadable file, no config to build the model from, or weights that do not fit it.
+        ConfigError: a bad ``cfg_file`` or ``opts``.
+    """
+    checkpoint = load_checkpoint_file(path)
+    config = checkpoint_config(checkpoint, str(path), cfg_file, opts)
+    model = build_model(config)
+    model.load_state_dict(fit_state_dict(checkpoint, model, str(path)))
+    return Inference(config, model.to(device).eval(), checkpoint_class_names(checkpoint, config.MODEL.NUM_CLASSES))

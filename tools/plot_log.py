@@ -8,7 +8,12 @@ matplotlib is optional for the project; without it this tool stops with a one-li
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+
+from cli import run_tool  # puts the checkout on the path for the imports below
+
+from utils import RunError
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -20,10 +25,10 @@ def read_rows(path: Path) -> list[dict]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            raise ValueError(f"{path}:{number} is not a JSON row; give the metrics.jsonl of a run") from None
+            raise RunError(f"{path}:{number} is not a JSON row; give the metrics.jsonl of a run") from None
         by_epoch[row["epoch"]] = row
     if not by_epoch:
-        raise ValueError(f"{path} holds no rows yet; it gains one per finished epoch")
+        raise RunError(f"{path} holds no rows yet; it gains one per finished epoch")
     return [by_epoch[epoch] for epoch in sorted(by_epoch)]
 
 
@@ -52,24 +57,18 @@ def plot(rows: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("metrics", type=Path, help="a run's metrics.jsonl")
     parser.add_argument("--out", type=Path, help="PNG to write (default: curves.png beside the metrics)")
     args = parser.parse_args(argv)
     if not args.metrics.is_file():
-        print(f"error: {args.metrics} not found; give the metrics.jsonl in a run's output folder", file=sys.stderr)
-        return 1
-    try:
-        rows = read_rows(args.metrics)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise RunError(f"{args.metrics} not found; give the metrics.jsonl in a run's output folder")
+    rows = read_rows(args.metrics)
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        print("error: plotting needs matplotlib, which is not installed; pip install matplotlib", file=sys.stderr)
-        return 1
+        raise RunError("plotting needs matplotlib, which is not installed; pip install matplotlib") from None
     out = args.out or args.metrics.with_name("curves.png")
     plot(rows, out)
     print(f"wrote {out}")
@@ -77,4 +76,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

@@ -1,6 +1,6 @@
 """Classify images with a trained model: the top-k classes and probabilities of each image.
 
-    python tools/predict.py --resume CKPT [--cfg FILE] [--topk 5] [--batch-size N] [--output FILE.csv|FILE.json]
+    python tools/predict.py --checkpoint CKPT [--cfg FILE] [--topk 5] [--batch-size N] [--output FILE.csv|FILE.json]
         [--opts KEY VALUE ...] [--device auto|cpu|cuda] PATH...
 
 PATH is an image file, a folder (searched recursively) or a glob. Images go through the model's evaluation
@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from model_cli import add_model_arguments, device_of, eval_settings, load_model, run_tool  # puts the repo on the path
+from cli import run_tool  # puts the checkout on the path for the imports below
+from model_cli import add_model_arguments, device_of, eval_settings, load_for_inference
 from torch.utils.data import DataLoader
 
 from data import DeviceLoader, ImageFiles, build_transform, find_images
@@ -57,7 +58,7 @@ def predict(args: argparse.Namespace) -> int:
         raise RunError(f"no image files found in {' '.join(args.paths)}; give image files, folders or globs")
 
     device = device_of(args)
-    config, model, classes = load_model(args.resume, args, device)
+    config, model, classes = load_for_inference(args.checkpoint, args.cfg, args.opts, device)
     settings = eval_settings(config, device)
     input_shape = (config.MODEL.STRIP_MLP.IN_CHANS, *image_size(config.DATA.IMG_SIZE))
     dataset = ImageFiles(files, build_transform(False, config), input_shape)
@@ -103,8 +104,8 @@ def write_rows(path: Path, rows: Sequence[dict], k: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_tool(predict, build_parser(), argv)
+    return predict(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

@@ -26,14 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from cli import run_tool  # puts the checkout on the path for the imports below
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.datasets.imagenet import load_meta_file, parse_devkit_archive
 
-from torchvision.datasets.folder import IMG_EXTENSIONS  # noqa: E402
-from torchvision.datasets.imagenet import load_meta_file, parse_devkit_archive  # noqa: E402
-
-from logger import ProgressLine  # noqa: E402  (the repository is on the path only now)
-from utils import RunError  # noqa: E402
+from logger import ProgressLine
+from utils import RunError
 
 MODES = ("move", "symlink", "copy")
 DEVKIT_NAME = "ILSVRC2012_devkit_t12.tar.gz"
@@ -211,13 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except RunError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

@@ -1,7 +1,7 @@
 """Accuracy of a trained model at other input sizes: its size-dependent weights resampled (as every loader in this
 repository does) against the naive alternative (those weights re-initialised, everything else kept).
 
-    python tools/resize_eval.py --resume CKPT [--cfg FILE] --sizes SIZE [SIZE ...] [--opts KEY VALUE ...]
+    python tools/resize_eval.py --checkpoint CKPT [--cfg FILE] --sizes SIZE [SIZE ...] [--opts KEY VALUE ...]
         [--device auto|cpu|cuda]
 
 SIZE is what DATA.IMG_SIZE takes (``96``, or ``[96, 128]``). Each size is evaluated on the validation split of the
@@ -11,12 +11,14 @@ after one row at the size the model was trained for; the table is printed in Mar
 
 import argparse
 import logging
+import sys
 from collections.abc import Sequence
 
 import torch
-from model_cli import add_model_arguments, device_of, eval_settings, run_tool  # puts the repo on the path
+from cli import run_tool  # puts the checkout on the path for the imports below
+from model_cli import add_model_arguments, checkpoint_config, device_of, eval_settings
 
-from checkpoint import check_class_names, checkpoint_config, load_checkpoint_file
+from checkpoint import check_class_names, load_checkpoint_file
 from data import build_dataset, build_loader
 from engine import validate
 from models import build_model, checkpoint_filter_fn, clean_state_dict
@@ -45,15 +47,15 @@ def fitted_weights(weights: dict[str, torch.Tensor], model: torch.nn.Module, met
 @torch.no_grad()
 def resize_eval(args: argparse.Namespace) -> int:
     device = device_of(args)
-    checkpoint = load_checkpoint_file(args.resume)
+    checkpoint = load_checkpoint_file(args.checkpoint)
     weights = clean_state_dict(checkpoint)
-    trained = checkpoint_config(checkpoint, args.resume, args.cfg, args.opts)
+    trained = checkpoint_config(checkpoint, args.checkpoint, args.cfg, args.opts)
     reference = image_size(trained.DATA.IMG_SIZE)
-    check_class_names(checkpoint, build_dataset(False, trained).classes, args.resume)  # refuses permuted labels
+    check_class_names(checkpoint, build_dataset(False, trained).classes, args.checkpoint)  # refuses permuted labels
     print(f"| input size | scale | {' | '.join(f'top-1 {method}' for method in METHODS)} |")
     print(f"|---|---|{'---|' * len(METHODS)}")
     for size in [str(list(reference)), *args.sizes]:
-        config = checkpoint_config(checkpoint, args.resume, args.cfg, [*args.opts, "DATA.IMG_SIZE", size])
+        config = checkpoint_config(checkpoint, args.checkpoint, args.cfg, [*args.opts, "DATA.IMG_SIZE", size])
         height, width = image_size(config.DATA.IMG_SIZE)
         loader = build_loader(config, 0, 1, train=False, device=device).loader_val
         settings = eval_settings(config, device)
@@ -70,8 +72,8 @@ def resize_eval(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_tool(resize_eval, build_parser(), argv)
+    return resize_eval(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(run_tool(main))

@@ -19,13 +19,17 @@ import shutil
 import sys
 from collections.abc import Sequence
 
+from cli import run_tool  # puts the checkout on the path for the imports below
+
+from utils import RunError
+
 MANIFEST = "split_manifest.json"
 BACKGROUND = "BACKGROUND_Google"
 MODES = ("copy", "symlink", "hardlink")
 
 
-class SplitError(Exception):
-    """A bad argument or source tree; its message is one line meant for the user."""
+class SplitError(RunError):
+    """A bad argument or source tree, or a file that cannot be read or written."""
 
 
 def plan_split(src: str, train_ratio: float, seed: int, include_background: bool) -> dict[str, dict[str, list[str]]]:
@@ -137,22 +141,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--include-background", action="store_true", help=f"keep the {BACKGROUND} class")
     parser.add_argument("--force", action="store_true", help="replace the files an earlier run listed in its manifest")
     args = parser.parse_args(argv)
+    # Real paths, so that a symbolic link on the way to --dst cannot lead back into the source.
+    src_real, dst_real = os.path.realpath(args.src), os.path.realpath(args.dst)
+    if dst_real == src_real or dst_real.startswith(src_real + os.sep):
+        raise SplitError(f"destination {args.dst} lies inside the source {args.src} (it is {dst_real}); choose a "
+                         "folder outside it")
     try:
-        # Real paths, so that a symbolic link on the way to --dst cannot lead back into the source.
-        src_real, dst_real = os.path.realpath(args.src), os.path.realpath(args.dst)
-        if dst_real == src_real or dst_real.startswith(src_real + os.sep):
-            raise SplitError(f"destination {args.dst} lies inside the source {args.src} (it is {dst_real}); choose a "
-                             "folder outside it")
         plan = plan_split(args.src, args.train_ratio, args.seed, args.include_background)
         _clear_previous(args.dst, args.force)
         write_split(args.src, args.dst, plan, args.mode)
-    except (SplitError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except OSError as err:  # an unreadable source or unwritable destination, say
+        raise SplitError(str(err)) from err
     print(summary(plan))
     print(f"wrote {args.dst} ({args.mode}); manifest: {os.path.join(args.dst, MANIFEST)}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))
