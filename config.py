@@ -24,7 +24,9 @@ from utils import RunError
 # The values each key with a fixed set of them may take. They are declared here, beside the defaults, and the
 # modules that use a key import its list from here; a value outside it is refused whenever a file, --opts or a flag
 # sets the key, so nothing downstream checks it again.
-DATASETS = ("imagenet", "caltech101", "folder", "demo", "cifar10", "cifar100")  # data/datasets.py: folders, CIFAR
+# data/datasets.py: image folders and CIFAR; data/robustness.py: ImageNet's robustness test sets (for --eval only)
+DATASETS = ("imagenet", "caltech101", "folder", "demo", "cifar10", "cifar100",
+            "imagenet_v2", "imagenet_a", "imagenet_r", "imagenet_sketch", "imagenet_real")
 BAD_IMAGE_POLICIES = ("skip", "error")
 CACHE_MODES = ("no", "part", "full")
 INTERPOLATIONS = ("bicubic", "bilinear")

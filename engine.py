@@ -22,7 +22,7 @@ from torch import nn
 from yacs.config import CfgNode
 
 from agreement import Interruptions, NonFiniteLossError, UpdateAgreement
-from data import DataError, Sample, UnreadableImages
+from data import DataError, Sample, Scoring, UnreadableImages
 from distributed import DistEnv, all_reduce_sum
 from finetune import frozen_norms, set_frozen_norms_eval
 from logger import ProgressLine
@@ -312,9 +312,12 @@ def eval_logits(model: nn.Module, images: torch.Tensor, settings: StepSettings) 
 
 @torch.no_grad()
 def validate(model: nn.Module, loader: Iterable[Sample], settings: StepSettings, logger: logging.Logger,
-             unreadable: UnreadableImages | None = None, tally: ClassTally | None = None) -> dict[str, float]:
+             unreadable: UnreadableImages | None = None, tally: ClassTally | None = None,
+             scoring: Scoring | None = None) -> dict[str, float]:
     """Top-1/top-5 accuracy (%) and mean cross-entropy over the validation images that could be read; with a
-    ``tally``, also its per-class counts and the mean per-class accuracy (``mean_class_acc``).
+    ``tally``, also its per-class counts and the mean per-class accuracy (``mean_class_acc``). ``scoring`` says
+    which outputs are scored and which labels are right (a robustness test set's rule, see ``data.build_scoring``;
+    by default every output against the target); images it finds without a label are left out and counted.
 
     Each rank counts correct predictions, loss and images of its own shard; the counts are summed across
     ranks, so the result equals a single-process evaluation exactly (the validation shards cover each
@@ -326,44 +329,45 @@ def validate(model: nn.Module, loader: Iterable[Sample], settings: StepSettings,
         DataError: unreadable images under DATA.BAD_IMAGE error, or more than 1% of them.
     """
     unreadable = unreadable or UnreadableImages()
+    scoring = scoring or Scoring()
     model.eval()
     device = settings.env.device
     own_unreadable: list[str] = []
-    # loss, top-1 correct, top-5 correct, images evaluated, images unreadable
-    sums = torch.zeros(5, dtype=torch.float64, device=device)
+    # loss, top-1 correct, top-5 correct, images evaluated, images unreadable, images without a label
+    sums = torch.zeros(6, dtype=torch.float64, device=device)
     progress = ProgressLine(settings.env.is_main)
     for step, batch in enumerate(loader):
         progress.update(f"Test: [{step}/{len(loader)}]")
         own_unreadable += unreadable.note(batch.bad, logger)
         readable = torch.tensor([not text for text in batch.bad], device=device)  # (B,)
-        outputs = eval_logits(model, batch.image, settings)[readable]
-        targets = batch.target.to(device, non_blocking=True)[readable]
+        scored = scoring.score(eval_logits(model, batch.image, settings)[readable],
+                               batch.target.to(device, non_blocking=True)[readable], batch.index.to(device)[readable])
         if tally is not None:
-            tally.add(outputs, targets, batch.index.to(device)[readable])
-        top = outputs.topk(min(5, outputs.shape[1]), dim=1).indices  # (B', k)
-        correct = top.eq(targets[:, None])  # (B', k)
+            tally.add(scored.logits, scored.targets, scored.indices, scored.correct)
         sums += torch.stack([
-            F.cross_entropy(outputs, targets, reduction="sum").double(),
-            correct[:, :1].sum().double(),
-            correct.sum().double(),
-            readable.sum().double(),
+            F.cross_entropy(scored.logits, scored.targets, reduction="sum").double(),
+            scored.correct[:, 0].sum().double(),
+            scored.correct.any(dim=1).sum().double(),
+            sums.new_tensor(len(scored.targets)),
             (~readable).sum().double(),
+            scored.unlabelled.double(),
         ])
     progress.clear()
-    loss_sum, correct1, correct5, count, unreadable_count = all_reduce_sum(sums, settings.env).tolist()
+    loss_sum, correct1, correct5, count, unreadable_count, unlabelled = all_reduce_sum(sums, settings.env).tolist()
     unreadable_count = int(unreadable_count)
     unreadable.check(own_unreadable, unreadable_count, "validation")
-    unreadable.check_fraction(unreadable_count, int(count) + unreadable_count, "the validation set")
+    unreadable.check_fraction(unreadable_count, int(count + unlabelled) + unreadable_count, "the validation set")
     if count == 0:
         raise DataError("the validation set is empty; check DATA.DATA_PATH")
     metrics = {"acc1": 100.0 * correct1 / count, "acc5": 100.0 * correct5 / count, "loss": loss_sum / count,
-               "images": int(count), "unreadable_images": unreadable_count}
+               "images": int(count), "unreadable_images": unreadable_count, "unlabelled_images": int(unlabelled)}
     logger.info(f" * Acc@1 {metrics['acc1']:.3f} Acc@5 {metrics['acc5']:.3f}")
     if tally is not None:
         tally.reduce(settings.env)
         metrics["mean_class_acc"] = tally.mean_class_accuracy()
         logger.info(f" * mean per-class Acc@1 {metrics['mean_class_acc']:.3f}")
     left_out = f" ({unreadable_count} unreadable images left out)" if unreadable_count else ""
+    left_out += f" ({int(unlabelled)} images without a label left out)" if unlabelled else ""
     logger.info(f"validation loss {metrics['loss']:.4f} over {metrics['images']} images{left_out}")
     return metrics
 

@@ -35,7 +35,7 @@ from checkpoint import (
     start_timeline,
 )
 from config import dump_config, parse_option
-from data import Loaders, UnreadableImages, build_loader
+from data import Loaders, UnreadableImages, build_loader, build_scoring, check_trainable, model_classes
 from distributed import (
     EXIT_PREEMPTED,
     PREEMPTION_SIGNALS,
@@ -96,6 +96,7 @@ def check_request(config: CfgNode, env: DistEnv) -> None:
 
     training = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
     if training:
+        check_trainable(config.DATA.DATASET)  # the robustness test sets only evaluate
         on_rank0(check_output, env)  # rank 0's view of the output folder decides for all
     if config.MODEL.PRETRAINED and (training or config.EVAL_MODE):
         on_rank0(check_pretrained, env)  # rank 0 reads the weights
@@ -122,13 +123,17 @@ def evaluate_only(config: CfgNode, env: DistEnv, logger: logging.Logger) -> int:
         resume = choose_resume(config, env, logger)
         source = str(resume[0]) if resume else config.MODEL.PRETRAINED
         checkpoint = resume[1] if resume else read_checkpoint(source, env)
-        logger.info(check_class_names(checkpoint, loaders.dataset_val.classes, source))
+        logger.info(check_class_names(checkpoint, model_classes(loaders.dataset_val), source))
         model.load_state_dict(fit_state_dict(checkpoint, model, source, logger))
         logger.info(f"loaded weights from {source}")
     forward_model = compile_model(model, inference_only=True) if config.COMPILE else model
     if config.EVAL_MODE:
-        tally = ClassTally(config.MODEL.NUM_CLASSES, env.device, keep_predictions=True)
-        validate(forward_model, loaders.loader_val, settings, logger, UnreadableImages(config.DATA.BAD_IMAGE), tally)
+        scoring = build_scoring(loaders.dataset_val, env.device)
+        if scoring.description:
+            logger.info(scoring.description)
+        tally = ClassTally(len(loaders.dataset_val.classes), env.device, keep_predictions=True)  # scored classes
+        validate(forward_model, loaders.loader_val, settings, logger, UnreadableImages(config.DATA.BAD_IMAGE), tally,
+                 scoring)
         if env.is_main:
             written = write_reports(Path(config.OUTPUT) / "eval", tally, loaders.dataset_val.classes,
                                     sample_names(loaders.dataset_val), logger)

@@ -1,7 +1,7 @@
 """Evaluation reports: per-class accuracy, the confusion matrix and every image's top-5 predictions.
 
-Everything tallied here is a count (images of true class t predicted as p, images whose class is among their top
-5), so summing each rank's counts gives exactly what one process counts. Per-image predictions are gathered to
+Everything tallied here is a count (images of true class t predicted as p, images whose top-1 and top-5 are right),
+so summing each rank's counts gives exactly what one process counts. Per-image predictions are gathered to
 rank 0 and put back in dataset order by each sample's index. Only rank 0 writes the files.
 """
 
@@ -73,16 +73,22 @@ class ClassTally:
 
     def __init__(self, num_classes: int, device: torch.device, keep_predictions: bool = False) -> None:
         self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)  # [true, predicted]
+        self.top1_hits = torch.zeros(num_classes, dtype=torch.int64, device=device)
         self.top5_hits = torch.zeros(num_classes, dtype=torch.int64, device=device)
         self.keep_predictions = keep_predictions
         self.batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.predictions: tuple[torch.Tensor, ...] | None = None  # (index, target, top-5, probabilities), rank 0
 
-    def add(self, logits: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor) -> None:
-        """Count a batch of readable images: logits (B, C), targets (B,), dataset indices (B,)."""
+    def add(self, logits: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor,
+            correct: torch.Tensor | None = None) -> None:
+        """Count a batch of readable images: logits (B, C), targets (B,), dataset indices (B,); ``correct`` (B, k)
+        says whether each image's k best classes are right where more than the target is (ReaL's label sets, see
+        ``data.Scoring``); by default, whether they are the target."""
         top, probabilities = top_k(logits, REPORT_TOPK)
+        correct = top.eq(targets[:, None]) if correct is None else correct  # (B, k)
         self.confusion.index_put_((targets, top[:, 0]), torch.ones_like(targets), accumulate=True)
-        self.top5_hits.index_add_(0, targets, top.eq(targets[:, None]).any(dim=1).long())
+        self.top1_hits.index_add_(0, targets, correct[:, 0].long())
+        self.top5_hits.index_add_(0, targets, correct.any(dim=1).long())
         if self.keep_predictions:
             self.batches.append((indices.cpu(), targets.cpu(), top.cpu(), probabilities.cpu()))
 
@@ -90,8 +96,9 @@ class ClassTally:
         """Sum the counts over ranks (one all-reduce) and gather the predictions to rank 0 in dataset order; every
         rank calls it once, after its last batch."""
         classes = self.top5_hits.numel()
-        counts = all_reduce_sum(torch.cat([self.confusion.flatten(), self.top5_hits]), env)
-        self.confusion, self.top5_hits = counts[:-classes].view(classes, classes), counts[-classes:]
+        counts = all_reduce_sum(torch.cat([self.confusion.flatten(), self.top1_hits, self.top5_hits]), env)
+        self.confusion = counts[:-2 * classes].view(classes, classes)
+        self.top1_hits, self.top5_hits = counts[-2 * classes:].view(2, classes)
         if not self.keep_predictions:
             return
         own = tuple(torch.cat(parts) for parts in zip(*self.batches, strict=True)) if self.batches else None
@@ -109,7 +116,7 @@ class ClassTally:
         """The mean over classes (those with validation images) of each class's top-1 accuracy, in %."""
         images = self.images()
         seen = images > 0
-        return 100.0 * (self.confusion.diagonal()[seen].double() / images[seen]).mean().item()
+        return 100.0 * (self.top1_hits[seen].double() / images[seen]).mean().item()
 
 
 def sample_names(dataset: SampleDataset) -> list[str]:
@@ -127,7 +134,7 @@ def write_reports(folder: Path, tally: ClassTally, classes: Sequence[str], names
     folder.mkdir(parents=True, exist_ok=True)
     confusion = tally.confusion.cpu().numpy()
     images = confusion.sum(axis=1)
-    top1 = confusion.diagonal()
+    top1 = tally.top1_hits.cpu().numpy()
     top5 = tally.top5_hits.cpu().numpy()
     per_class = [{"class": name, "images": int(n),
                   "top-1": f"{100 * hit / n:.3f}" if n else "", "top-5": f"{100 * hit5 / n:.3f}" if n else ""}

@@ -11,6 +11,7 @@ from yacs.config import CfgNode
 from .datasets import CIFAR_KINDS, FOLDER_LAYOUTS, DataError, cifar_split, image_folder_split
 from .demo import make_demo_digits
 from .device import DeviceLoader, build_erasing
+from .robustness import ROBUSTNESS_SETS, check_model_outputs, robustness_split
 from .samplers import ShardSampler, TrainSampler
 from .samples import SampleDataset
 from .transforms import build_transform
@@ -33,7 +34,8 @@ class Loaders(NamedTuple):
 def build_dataset(is_train: bool, config: CfgNode) -> SampleDataset:
     """The training or validation split of DATA.DATASET under DATA.DATA_PATH, with its transform.
 
-    Image-folder kinds are read from folders, or with DATA.ZIP_MODE from Swin's packed archives. It yields
+    Image-folder kinds are read from folders, or with DATA.ZIP_MODE from Swin's packed archives; the robustness
+    test sets (see data/robustness.py) have only the evaluation split. It yields
     :class:`~data.samples.Sample` of uint8 images, augmented as a function of (SEED, epoch, index), and passes
     over unreadable images (see SampleDataset).
     """
@@ -48,6 +50,8 @@ def build_dataset(is_train: bool, config: CfgNode) -> SampleDataset:
         base = zip_split(root, split, kind, transform, config.DATA.ZIP_MAX_MEMBER_MB * 2**20)
     elif kind in CIFAR_KINDS:
         base = cifar_split(root, is_train, kind, transform)
+    elif kind in ROBUSTNESS_SETS:
+        base = robustness_split(root, kind, is_train, transform)
     else:
         base = image_folder_split(root, split, kind, transform)
     return SampleDataset(base, seed=config.SEED)
@@ -112,7 +116,10 @@ def build_loader(config: CfgNode, rank: int = 0, world_size: int = 1, train: boo
         make_demo_digits(config.DATA.DATA_PATH)
     dataset_train = build_dataset(True, config) if train else None
     dataset_val = build_dataset(False, config)
-    _check_classes(dataset_train, dataset_val, config)
+    if config.DATA.DATASET in ROBUSTNESS_SETS:  # scored by an ImageNet-1k classifier, on its own classes
+        check_model_outputs(config.DATA.DATASET, config.MODEL.NUM_CLASSES)
+    else:
+        _check_classes(dataset_train, dataset_val, config)
 
     workers = config.DATA.NUM_WORKERS
     common = {

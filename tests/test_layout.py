@@ -14,6 +14,7 @@ from timm.data.transforms import str_to_interp_mode
 
 import config
 from data.datasets import CIFAR_KINDS, FOLDER_LAYOUTS
+from data.robustness import ROBUSTNESS_LAYOUTS
 from models import StripMLPNet
 from utils import RunError
 
@@ -130,7 +131,7 @@ print(sorted({{m.split(".")[0] for m in sys.modules if sys.modules[m] is not Non
 
 def test_each_list_of_valid_values_is_what_its_module_implements() -> None:
     """config.py declares the lists; the modules that read the keys take exactly these values."""
-    assert config.DATASETS == (*FOLDER_LAYOUTS, *CIFAR_KINDS)
+    assert config.DATASETS == (*FOLDER_LAYOUTS, *CIFAR_KINDS, *ROBUSTNESS_LAYOUTS)
     assert config.MODEL_TYPES == ("strip_mlp",)
     for schedule in config.DROP_PATH_SCHEDULES:
         assert isinstance(StripMLPNet(img_size=32, embed_dim=8, layers=(1, 1, 2, 1), drop_path_schedule=schedule),

@@ -19,7 +19,7 @@ from cli import run_tool  # puts the checkout on the path for the imports below
 from model_cli import add_model_arguments, checkpoint_config, device_of, eval_settings
 
 from checkpoint import check_class_names, load_checkpoint_file
-from data import build_dataset, build_loader
+from data import build_dataset, build_loader, build_scoring, model_classes
 from engine import validate
 from models import build_model, checkpoint_filter_fn, clean_state_dict
 from utils import image_size, seed_everything
@@ -51,20 +51,22 @@ def resize_eval(args: argparse.Namespace) -> int:
     weights = clean_state_dict(checkpoint)
     trained = checkpoint_config(checkpoint, args.checkpoint, args.cfg, args.opts)
     reference = image_size(trained.DATA.IMG_SIZE)
-    check_class_names(checkpoint, build_dataset(False, trained).classes, args.checkpoint)  # refuses permuted labels
+    check_class_names(checkpoint, model_classes(build_dataset(False, trained)), args.checkpoint)  # permuted labels
     print(f"| input size | scale | {' | '.join(f'top-1 {method}' for method in METHODS)} |")
     print(f"|---|---|{'---|' * len(METHODS)}")
     for size in [str(list(reference)), *args.sizes]:
         config = checkpoint_config(checkpoint, args.checkpoint, args.cfg, [*args.opts, "DATA.IMG_SIZE", size])
         height, width = image_size(config.DATA.IMG_SIZE)
-        loader = build_loader(config, 0, 1, train=False, device=device).loader_val
+        loaders = build_loader(config, 0, 1, train=False, device=device)
+        scoring = build_scoring(loaders.dataset_val, device)  # a robustness test set's own rule
         settings = eval_settings(config, device)
         accuracies = []
         for method in METHODS:
             seed_everything(config.SEED)  # the same fresh initialisation for every size and method
             model = build_model(config)
             model.load_state_dict(fitted_weights(weights, model, method))
-            accuracies.append(validate(model.to(device), loader, settings, logging.Logger("resize_eval"))["acc1"])
+            accuracies.append(validate(model.to(device), loaders.loader_val, settings, logging.Logger("resize_eval"),
+                                       scoring=scoring)["acc1"])
         scale = f"{height / reference[0]:g}" if height * reference[1] == width * reference[0] else \
             f"{height / reference[0]:g} x {width / reference[1]:g}"
         print(f"| {height}x{width} | {scale} | {' | '.join(f'{acc:.2f}' for acc in accuracies)} |", flush=True)
