@@ -197,7 +197,11 @@ def default_config() -> CN:
 
     # ---------------------------------------------------------------- evaluation
     c.TEST = CN()
-    c.TEST.CROP = True  # resize to IMG_SIZE*256/224 (each side) then centre-crop; False resizes straight to IMG_SIZE
+    c.TEST.CROP = True  # resize to IMG_SIZE / CROP_PCT (each side) then centre-crop; False resizes straight to IMG_SIZE
+    c.TEST.CROP_PCT = 0.875  # with CROP: the share of the resized image's side kept by the crop (ImageNet's 224/256)
+    # Horizontal-flip test-time augmentation: evaluation scores the mean of the logits of each image and of its
+    # mirror image (two forward passes).
+    c.TEST.FLIP = False
 
     # ---------------------------------------------------------------- mixed precision
     c.AMP = CN()
@@ -325,6 +329,7 @@ LIMITS: dict[str, Allowed] = {
     "AUG.CUTMIX": _at_least(0.0),
     "AUG.MIXUP_PROB": PROBABILITY,
     "AUG.MIXUP_SWITCH_PROB": PROBABILITY,
+    "TEST.CROP_PCT": _interval(0.0, 1.0, low_open=True),
     "SAVE_FREQ": POSITIVE,
     "PRINT_FREQ": POSITIVE,
     "SEED": _interval(0, 2**32 - 1),  # numpy's seeds are 32-bit

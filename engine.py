@@ -34,7 +34,8 @@ from utils import position_seed, seed_everything, unwrap_model
 
 @dataclass(frozen=True)
 class StepSettings:
-    """How each step runs: device and precision, accumulation, clipping, logging cadence."""
+    """How each step runs: device and precision, accumulation, clipping, logging cadence, and evaluation's
+    horizontal-flip test-time augmentation."""
 
     env: DistEnv
     amp_enabled: bool
@@ -45,6 +46,7 @@ class StepSettings:
     print_freq: int
     epochs: int
     seed: int = 0
+    test_flip: bool = False
 
     @classmethod
     def from_config(cls, config: CfgNode, env: DistEnv) -> "StepSettings":
@@ -58,6 +60,7 @@ class StepSettings:
             print_freq=config.PRINT_FREQ,
             epochs=config.TRAIN.EPOCHS,
             seed=config.SEED,
+            test_flip=config.TEST.FLIP,
         )
 
 
@@ -304,10 +307,15 @@ def train_one_epoch(
 
 def eval_logits(model: nn.Module, images: torch.Tensor, settings: StepSettings) -> torch.Tensor:
     """The float32 logits (B, C) of a batch as evaluation computes them: on the device, in the configured memory
-    format and precision. The tools call it too, so that they predict what ``validate`` counts."""
+    format and precision; with ``test_flip`` (TEST.FLIP), the mean of the logits of the images and of their mirror
+    images (logits, not probabilities, are averaged). The tools call it too, so that they predict what ``validate``
+    counts."""
     images, _ = _to_device(images, torch.zeros(0), settings)
     with torch.autocast(settings.env.device.type, dtype=settings.amp_dtype, enabled=settings.amp_enabled):
-        return model(images).float()
+        logits = model(images).float()
+        if settings.test_flip:
+            logits = (logits + model(images.flip(-1)).float()) / 2
+    return logits
 
 
 @torch.no_grad()

@@ -29,9 +29,6 @@ from .datasets import EncodedImage, decode_rgb, open_image
 # pads-and-crops instead of random-resized cropping (which would keep too few of 32x32 pixels).
 SMALL_IMAGE_SIDE = 32
 
-# Evaluation resizes to 1 / EVAL_CROP_PCT of the input size, then centre-crops (ImageNet's 224 of 256).
-EVAL_CROP_PCT = 224 / 256
-
 # A JPEG is decoded at 1/2, 1/4 or 1/8 of its size only while the crop keeps at least this many times the
 # output size: the antialiased resize that follows still reduces by 2x or more, which Pillow deems
 # indistinguishable from a full-size resample (the default reducing_gap of Image.thumbnail, which drafts
@@ -160,10 +157,10 @@ def build_transform(is_train: bool, config: CfgNode) -> Callable[[EncodedImage |
         return transform
 
     if config.TEST.CROP and not small:
-        # timm's evaluation resize and centre crop, keeping ImageNet's 224-of-256 ratio at any input size: the
-        # shorter side to 256/224 of its target for square inputs; for others, the image scaled to cover
-        # (H, W) x 256/224 with its aspect kept.
-        resize = timm_eval_resize(size, EVAL_CROP_PCT, interpolation)
+        # timm's evaluation resize and centre crop, keeping the ratio TEST.CROP_PCT (ImageNet's 224 of 256 by
+        # default) at any input size: the shorter side to 1 / CROP_PCT of its target for square inputs; for others,
+        # the image scaled to cover (H, W) / CROP_PCT with its aspect kept.
+        resize = timm_eval_resize(size, config.TEST.CROP_PCT, interpolation)
     else:
         resize = [transforms.Resize(size, interpolation=str_to_interp_mode(interpolation))]
     return transforms.Compose([decode_rgb, *resize, to_uint8_tensor])

@@ -1,6 +1,6 @@
-"""ImageNet's robustness test sets (V2, A, R, Sketch, ReaL): labels from folder names, A and R scored over their
-200 classes, ReaL's multi-label top-1, sharding exactness and the eval/ reports for each kind, on small generated
-folders."""
+"""ImageNet's robustness test sets (V2, A, R, Sketch, ReaL) and the evaluation settings (TEST.CROP_PCT, TEST.FLIP):
+labels from folder names, A and R scored over their 200 classes, ReaL's multi-label top-1, sharding exactness and
+the eval/ reports for each kind, on small generated folders."""
 
 import csv
 import logging
@@ -14,14 +14,16 @@ from PIL import Image
 from run_helpers import write_config
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageNetInfo
 from torch import nn
+from torchvision import transforms
 from yacs.config import CfgNode
 
 import main
-from config import load_config
-from data import DataError, Scoring, build_dataset, build_loader, build_scoring
+from config import ConfigError, load_config
+from data import DataError, Scoring, build_dataset, build_loader, build_scoring, build_transform
+from data.datasets import read_image
 from data.robustness import imagenet_wnids, real_label_sets, subset_columns
 from distributed import DistEnv
-from engine import StepSettings, validate
+from engine import StepSettings, eval_logits, validate
 from models import StripMLPNet
 from reports import ClassTally
 
@@ -205,6 +207,35 @@ def test_a_test_set_needs_an_imagenet_classifier(tmp_path: Path) -> None:
         build_loader(config, train=False)
 
 
+def test_crop_pct_sets_the_share_of_the_resized_image_kept(tmp_path: Path) -> None:
+    path = tmp_path / "wide.png"
+    Image.fromarray(torch.randint(0, 256, (90, 120, 3), dtype=torch.uint8).numpy()).save(path)
+    bicubic = transforms.InterpolationMode.BICUBIC
+    for crop_pct, resized in ((0.875, 73), (0.5, 128), (1.0, 64)):  # floor(64 / crop_pct)
+        config = eval_config(tmp_path, tmp_path / "out", "folder", "DATA.IMG_SIZE", "64", "TEST.CROP_PCT",
+                             str(crop_pct))
+        expected = transforms.Compose([transforms.Resize(resized, interpolation=bicubic), transforms.CenterCrop(64),
+                                       transforms.PILToTensor()])
+        assert torch.equal(build_transform(False, config)(read_image(str(path))),
+                           expected(Image.open(path).convert("RGB"))), crop_pct
+    for bad in ("0", "1.5", "-0.2"):
+        with pytest.raises(ConfigError, match=r"TEST.CROP_PCT must be in \(0, 1\]"):
+            eval_config(tmp_path, tmp_path / "out", "folder", "TEST.CROP_PCT", bad)
+
+
+def test_flip_averages_the_logits_of_each_image_and_its_mirror(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 5))
+    images = torch.randn(2, 3, 4, 4)
+    flipped = StepSettings.from_config(eval_config(tmp_path, tmp_path / "out", "folder", "TEST.FLIP", "True"), CPU)
+    plain = StepSettings.from_config(eval_config(tmp_path, tmp_path / "out", "folder"), CPU)
+    assert flipped.test_flip and not plain.test_flip
+    with torch.no_grad():
+        expected = (model(images) + model(images.flip(-1))) / 2
+        torch.testing.assert_close(eval_logits(model, images, flipped), expected)
+        assert not torch.allclose(eval_logits(model, images, plain), expected)
+
+
 KINDS = ("imagenet_v2", "imagenet_a", "imagenet_r", "imagenet_sketch", "imagenet_real")
 
 
@@ -230,13 +261,14 @@ class Lines(logging.Handler):
 
 
 def evaluate_kinds(root: Path, output: Path, env: DistEnv) -> dict[str, tuple]:
-    """For each kind: the metric lines that ``--eval`` (main.evaluate_only) of the tiny model logs
+    """For each kind: the metric lines that ``--eval`` (main.evaluate_only) of the tiny model with TEST.FLIP logs
     (its reports go to ``output``), and the Oracle's metrics and per-class counts (which, unlike the untrained
     model's, are not all zero)."""
     results = {}
     for kind in KINDS:
         config = load_config(str(root / f"{kind}.yaml"), ["EVAL_MODE", "True", "OUTPUT", str(output / kind),
-                                                          "MODEL.PRETRAINED", str(root / "weights.pth")])
+                                                          "MODEL.PRETRAINED", str(root / "weights.pth"),
+                                                          "TEST.FLIP", "True"])
         logger = logging.Logger(kind)
         lines = Lines()
         logger.addHandler(lines)
