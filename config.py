@@ -38,6 +38,7 @@ RANDOM_ERASING_MODES = ("pixel", "rand", "const")  # timm's RandomErasing fills
 MIXUP_MODES = ("batch", "pair", "elem")  # timm's Mixup draws its parameters per batch, pair or element
 AMP_DTYPES = ("bfloat16", "float16")  # names of torch dtypes
 DEVICES = ("auto", "cpu", "cuda")
+DISTILL_TYPES = ("none", "soft", "hard")  # distill.py: DeiT's loss on the teacher's probabilities, or its top class
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "DATA.DATASET": DATASETS,
@@ -54,6 +55,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "AUG.MIXUP_MODE": MIXUP_MODES,
     "AMP.DTYPE": AMP_DTYPES,
     "DEVICE": DEVICES,
+    "DISTILL.TYPE": DISTILL_TYPES,
 }
 
 
@@ -216,6 +218,18 @@ def default_config() -> CN:
     c.CHANNELS_LAST = False
     c.COMPILE = False  # wrap the model with torch.compile
     c.DETERMINISTIC = False  # deterministic kernels and no cuDNN benchmark (slower, reproducible)
+
+    # ---------------------------------------------------------------- knowledge distillation
+    # DeiT's logit distillation for a single-head network: loss = (1 - ALPHA) x label loss + ALPHA x teacher loss,
+    # the teacher in eval mode without gradients on the same (mixed) batch, under the same autocast.
+    c.DISTILL = CN()
+    c.DISTILL.TYPE = "none"  # one of DISTILL_TYPES
+    c.DISTILL.ALPHA = 0.5  # weight of the teacher's loss (DeiT's default)
+    c.DISTILL.TAU = 1.0  # temperature of the soft loss (DeiT's default)
+    c.DISTILL.TEACHER = ""  # any model name timm can build, ours included (strip_mlp_base, regnety_160, ...)
+    # The teacher's weights: a checkpoint of ours, the release's, or a plain state dict (nothing is downloaded). Read
+    # again by a resumed run: the teacher is never saved in a checkpoint.
+    c.DISTILL.TEACHER_CHECKPOINT = ""
     return c
 
 
@@ -326,6 +340,8 @@ LIMITS: dict[str, Allowed] = {
     "SAVE_FREQ": POSITIVE,
     "PRINT_FREQ": POSITIVE,
     "SEED": _interval(0, 2**32 - 1),  # numpy's seeds are 32-bit
+    "DISTILL.ALPHA": PROBABILITY,
+    "DISTILL.TAU": POSITIVE,
 }
 
 
@@ -506,6 +522,9 @@ def _check_consistency(config: CN) -> None:
     if config.DATA.CACHE_MODE != "no" and not config.DATA.ZIP_MODE:
         raise ConfigError(f"DATA.CACHE_MODE {config.DATA.CACHE_MODE} caches members of packed archives; it needs "
                           "DATA.ZIP_MODE True (--zip)")
+    if config.DISTILL.TYPE != "none" and not (config.DISTILL.TEACHER and config.DISTILL.TEACHER_CHECKPOINT):
+        raise ConfigError(f"DISTILL.TYPE {config.DISTILL.TYPE} needs DISTILL.TEACHER (a timm model name, e.g. "
+                          "strip_mlp_base) and DISTILL.TEACHER_CHECKPOINT (its weights file)")
 
 
 def _shortcut_values(args: argparse.Namespace) -> list[tuple[str, str, Any]]:
