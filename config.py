@@ -117,6 +117,10 @@ def default_config() -> CN:
     # With ZIP_MODE: the most a member may inflate to, in MiB. A member that declares more, or inflates past its
     # declared size (a zip bomb, a damaged directory), is an unreadable image; no real image comes near it.
     c.DATA.ZIP_MAX_MEMBER_MB = 256
+    # Repeated augmentation (DeiT's, and ResMLP's CIFAR recipe): the images of an epoch come this many times each,
+    # every copy augmented its own way and, as far as there are processes, on another process. An epoch keeps about
+    # the dataset's length (DeiT's: rounded down to a multiple of 256), so it holds about 1/AUG_REPEATS of the images.
+    c.DATA.AUG_REPEATS = 1
 
     # ---------------------------------------------------------------- model
     c.MODEL = CN()
@@ -295,6 +299,7 @@ LIMITS: dict[str, Allowed] = {
     "DATA.BATCH_SIZE": POSITIVE,
     "DATA.NUM_WORKERS": _at_least(0),
     "DATA.ZIP_MAX_MEMBER_MB": POSITIVE,
+    "DATA.AUG_REPEATS": POSITIVE,
     "MODEL.NUM_CLASSES": POSITIVE,
     "MODEL.DROP_RATE": FRACTION,
     "MODEL.DROP_PATH_RATE": FRACTION,
@@ -522,6 +527,9 @@ def _check_consistency(config: CN) -> None:
     if config.DATA.CACHE_MODE != "no" and not config.DATA.ZIP_MODE:
         raise ConfigError(f"DATA.CACHE_MODE {config.DATA.CACHE_MODE} caches members of packed archives; it needs "
                           "DATA.ZIP_MODE True (--zip)")
+    if config.DATA.AUG_REPEATS > 1 and config.DATA.CACHE_MODE == "part":
+        raise ConfigError(f"DATA.AUG_REPEATS {config.DATA.AUG_REPEATS} sends an image's copies to other processes, "
+                          "but DATA.CACHE_MODE part keeps each process on its own shard; use CACHE_MODE full or no")
     if config.DISTILL.TYPE != "none" and not (config.DISTILL.TEACHER and config.DISTILL.TEACHER_CHECKPOINT):
         raise ConfigError(f"DISTILL.TYPE {config.DISTILL.TYPE} needs DISTILL.TEACHER (a timm model name, e.g. "
                           "strip_mlp_base) and DISTILL.TEACHER_CHECKPOINT (its weights file)")
