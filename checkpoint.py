@@ -54,7 +54,7 @@ SCHEDULE_KEYS = (
     "TRAIN.WARMUP_LR", "TRAIN.MIN_LR", "TRAIN.WEIGHT_DECAY", "TRAIN.LR_SCALING", "TRAIN.LR_REFERENCE_BATCH",
     "TRAIN.LR_SCHEDULER.NAME", "TRAIN.LR_SCHEDULER.DECAY_EPOCHS", "TRAIN.LR_SCHEDULER.DECAY_RATE",
     "TRAIN.OPTIMIZER.NAME", "TRAIN.OPTIMIZER.EPS", "TRAIN.OPTIMIZER.BETAS", "TRAIN.OPTIMIZER.MOMENTUM",
-    "TRAIN.LAYER_DECAY",
+    "TRAIN.LAYER_DECAY", "DATA.AUG_REPEATS",
 )
 
 
@@ -655,12 +655,13 @@ def restore_training(state: OptimizationState, checkpoint: Mapping[str, Any], so
     best_acc1 = float(checkpoint.get("max_accuracy", 0.0))
     step = int(checkpoint.get("step", 0))
     if step:  # a position inside an epoch, counted in micro-batches of this layout
-        before = (_lookup(saved, "DATA.BATCH_SIZE"), _lookup(saved, "TRAIN.ACCUMULATION_STEPS"), saved_world)
-        now = (config.DATA.BATCH_SIZE, config.TRAIN.ACCUMULATION_STEPS, env.world_size)
+        before = (_lookup(saved, "DATA.BATCH_SIZE"), _lookup(saved, "TRAIN.ACCUMULATION_STEPS"), saved_world,
+                  _lookup(saved, "DATA.AUG_REPEATS") or 1)
+        now = (config.DATA.BATCH_SIZE, config.TRAIN.ACCUMULATION_STEPS, env.world_size, config.DATA.AUG_REPEATS)
         if before != now:
             logger.warning(f"{source} was written {step} steps into epoch {epoch + 1} with (batch size, accumulation "
-                           f"steps, processes) {before}, this run has {now}: its steps divide the epoch otherwise, "
-                           f"so it trains epoch {epoch + 1} from its start")
+                           f"steps, processes, augmentation repeats) {before}, this run has {now}: its steps divide "
+                           f"the epoch otherwise, so it trains epoch {epoch + 1} from its start")
             step = 0
     inside = f", {step} steps into epoch {epoch + 1}" if step else ""
     logger.info(f"resumed from {source}: epoch {epoch}{inside}, update {state.global_step}, "

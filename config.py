@@ -40,6 +40,7 @@ RANDOM_ERASING_MODES = ("pixel", "rand", "const")  # timm's RandomErasing fills
 MIXUP_MODES = ("batch", "pair", "elem")  # timm's Mixup draws its parameters per batch, pair or element
 AMP_DTYPES = ("bfloat16", "float16")  # names of torch dtypes
 DEVICES = ("auto", "cpu", "cuda")
+DISTILL_TYPES = ("none", "soft", "hard")  # distill.py: DeiT's loss on the teacher's probabilities, or its top class
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "DATA.DATASET": DATASETS,
@@ -56,6 +57,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "AUG.MIXUP_MODE": MIXUP_MODES,
     "AMP.DTYPE": AMP_DTYPES,
     "DEVICE": DEVICES,
+    "DISTILL.TYPE": DISTILL_TYPES,
 }
 
 
@@ -117,6 +119,10 @@ def default_config() -> CN:
     # With ZIP_MODE: the most a member may inflate to, in MiB. A member that declares more, or inflates past its
     # declared size (a zip bomb, a damaged directory), is an unreadable image; no real image comes near it.
     c.DATA.ZIP_MAX_MEMBER_MB = 256
+    # Repeated augmentation (DeiT's, and ResMLP's CIFAR recipe): the images of an epoch come this many times each,
+    # every copy augmented its own way and, as far as there are processes, on another process. An epoch keeps about
+    # the dataset's length (DeiT's: rounded down to a multiple of 256), so it holds about 1/AUG_REPEATS of the images.
+    c.DATA.AUG_REPEATS = 1
 
     # ---------------------------------------------------------------- model
     c.MODEL = CN()
@@ -222,6 +228,18 @@ def default_config() -> CN:
     c.CHANNELS_LAST = False
     c.COMPILE = False  # wrap the model with torch.compile
     c.DETERMINISTIC = False  # deterministic kernels and no cuDNN benchmark (slower, reproducible)
+
+    # ---------------------------------------------------------------- knowledge distillation
+    # DeiT's logit distillation for a single-head network: loss = (1 - ALPHA) x label loss + ALPHA x teacher loss,
+    # the teacher in eval mode without gradients on the same (mixed) batch, under the same autocast.
+    c.DISTILL = CN()
+    c.DISTILL.TYPE = "none"  # one of DISTILL_TYPES
+    c.DISTILL.ALPHA = 0.5  # weight of the teacher's loss (DeiT's default)
+    c.DISTILL.TAU = 1.0  # temperature of the soft loss (DeiT's default)
+    c.DISTILL.TEACHER = ""  # any model name timm can build, ours included (strip_mlp_base, regnety_160, ...)
+    # The teacher's weights: a checkpoint of ours, the release's, or a plain state dict (nothing is downloaded). Read
+    # again by a resumed run: the teacher is never saved in a checkpoint.
+    c.DISTILL.TEACHER_CHECKPOINT = ""
     return c
 
 
@@ -287,6 +305,7 @@ LIMITS: dict[str, Allowed] = {
     "DATA.BATCH_SIZE": POSITIVE,
     "DATA.NUM_WORKERS": _at_least(0),
     "DATA.ZIP_MAX_MEMBER_MB": POSITIVE,
+    "DATA.AUG_REPEATS": POSITIVE,
     "MODEL.NUM_CLASSES": POSITIVE,
     "MODEL.DROP_RATE": FRACTION,
     "MODEL.DROP_PATH_RATE": FRACTION,
@@ -333,6 +352,8 @@ LIMITS: dict[str, Allowed] = {
     "SAVE_FREQ": POSITIVE,
     "PRINT_FREQ": POSITIVE,
     "SEED": _interval(0, 2**32 - 1),  # numpy's seeds are 32-bit
+    "DISTILL.ALPHA": PROBABILITY,
+    "DISTILL.TAU": POSITIVE,
 }
 
 
@@ -513,6 +534,12 @@ def _check_consistency(config: CN) -> None:
     if config.DATA.CACHE_MODE != "no" and not config.DATA.ZIP_MODE:
         raise ConfigError(f"DATA.CACHE_MODE {config.DATA.CACHE_MODE} caches members of packed archives; it needs "
                           "DATA.ZIP_MODE True (--zip)")
+    if config.DATA.AUG_REPEATS > 1 and config.DATA.CACHE_MODE == "part":
+        raise ConfigError(f"DATA.AUG_REPEATS {config.DATA.AUG_REPEATS} sends an image's copies to other processes, "
+                          "but DATA.CACHE_MODE part keeps each process on its own shard; use CACHE_MODE full or no")
+    if config.DISTILL.TYPE != "none" and not (config.DISTILL.TEACHER and config.DISTILL.TEACHER_CHECKPOINT):
+        raise ConfigError(f"DISTILL.TYPE {config.DISTILL.TYPE} needs DISTILL.TEACHER (a timm model name, e.g. "
+                          "strip_mlp_base) and DISTILL.TEACHER_CHECKPOINT (its weights file)")
 
 
 def _shortcut_values(args: argparse.Namespace) -> list[tuple[str, str, Any]]:

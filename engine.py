@@ -70,7 +70,8 @@ class OptimizationState:
     schedule, gradient scaler, EMA, update count). A checkpoint saves all of it but the loss.
 
     ``model`` is what the forward pass calls (possibly wrapped by DDP and torch.compile); the weights live
-    in ``unwrap_model(model)``.
+    in ``unwrap_model(model)``. ``criterion(inputs, outputs, targets)`` gives a batch's loss; under distillation it
+    holds the teacher (distill.DistillationLoss), which is therefore never saved either.
     """
 
     model: nn.Module
@@ -288,7 +289,7 @@ def train_one_epoch(
         with _no_sync(state.model, not is_update):
             with torch.autocast(settings.env.device.type, dtype=settings.amp_dtype, enabled=settings.amp_enabled):
                 outputs = state.model(images)
-                loss = state.criterion(outputs, targets)
+                loss = state.criterion(images, outputs, targets)
             meters.add_micro_step(loss, images.shape[0])
             stop = agreement.before_backward(batch, loss, is_update, where)
             state.scaler.scale(loss / group_size).backward()

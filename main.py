@@ -36,6 +36,7 @@ from checkpoint import (
 )
 from config import dump_config, parse_option
 from data import Loaders, UnreadableImages, build_loader, build_scoring, check_trainable, model_classes
+from distill import DistillationLoss, build_teacher, check_teacher_file
 from distributed import (
     EXIT_PREEMPTED,
     PREEMPTION_SIGNALS,
@@ -98,6 +99,8 @@ def check_request(config: CfgNode, env: DistEnv) -> None:
     if training:
         check_trainable(config.DATA.DATASET)  # the robustness test sets only evaluate
         on_rank0(check_output, env)  # rank 0's view of the output folder decides for all
+    if training and config.DISTILL.TYPE != "none":
+        on_rank0(lambda: check_teacher_file(config.DISTILL.TEACHER_CHECKPOINT), env)  # rank 0 reads the teacher
     if config.MODEL.PRETRAINED and (training or config.EVAL_MODE):
         on_rank0(check_pretrained, env)  # rank 0 reads the weights
 
@@ -143,6 +146,20 @@ def evaluate_only(config: CfgNode, env: DistEnv, logger: logging.Logger) -> int:
     return 0
 
 
+def training_loss(config: CfgNode, env: DistEnv, base: nn.Module, classes: list[str], logger: logging.Logger
+                  ) -> DistillationLoss:
+    """The label loss ``base``, mixed with a teacher's under DISTILL; the teacher is read from its file, by a resumed
+    run too (no checkpoint holds it)."""
+    if config.DISTILL.TYPE == "none":
+        return DistillationLoss(base)
+    source = config.DISTILL.TEACHER_CHECKPOINT
+    teacher = build_teacher(config.DISTILL.TEACHER, read_checkpoint(source, env), source, config.MODEL.NUM_CLASSES,
+                            config.DATA.IMG_SIZE, classes, env.device, logger)
+    logger.info(f"{config.DISTILL.TYPE} distillation from {config.DISTILL.TEACHER}: alpha {config.DISTILL.ALPHA}, "
+                f"tau {config.DISTILL.TAU}")
+    return DistillationLoss(base, teacher, config.DISTILL.TYPE, config.DISTILL.ALPHA, config.DISTILL.TAU)
+
+
 class TrainingSetup(NamedTuple):
     """What a training run is made of, once built."""
 
@@ -182,7 +199,8 @@ def set_up_training(config: CfgNode, env: DistEnv, logger: logging.Logger) -> Tr
         optimizer=optimizer,
         scheduler=build_scheduler(config, optimizer, updates_per_epoch, lrs),
         scaler=torch.amp.GradScaler(env.device.type, enabled=config.AMP.ENABLE and config.AMP.DTYPE == "float16"),
-        criterion=build_criterion(config, loaders.mixup_fn is not None),
+        criterion=training_loss(config, env, build_criterion(config, loaders.mixup_fn is not None),
+                                loaders.dataset_train.classes, logger),
         ema=ModelEmaV3(model, decay=config.TRAIN.EMA.DECAY) if config.TRAIN.EMA.ENABLE else None,
     )
     return TrainingSetup(loaders, settings, state, updates_per_epoch)
@@ -242,6 +260,9 @@ def train_and_validate(config: CfgNode, env: DistEnv, logger: logging.Logger, pr
                                               unreadable, start_step, interruptions)
             if train_stats.pop("stopped_at") is not None:
                 return stop_for_preemption(env, logger, preemption.received)
+            if state.criterion.teacher is not None:
+                logger.info(f"teacher {state.criterion.take_teacher_seconds() / train_stats['epoch_time']:.0%} of "
+                            "step time")
             average_bn_statistics(state, config.TRAIN.SYNC_BN, env)
             tally = (ClassTally(config.MODEL.NUM_CLASSES, env.device)
                      if config.MODEL.NUM_CLASSES < PER_CLASS_MAX_CLASSES else None)

@@ -142,7 +142,8 @@ def build_loader(config: CfgNode, rank: int = 0, world_size: int = 1, train: boo
     if fixed_shards and len(dataset_train) < world_size:
         raise DataError(f"{config.DATA.DATA_PATH} has {len(dataset_train)} training images, fewer than the "
                         f"{world_size} processes that DATA.CACHE_MODE part gives a shard each; use fewer processes")
-    sampler_train = TrainSampler(len(dataset_train), rank, world_size, seed=config.SEED, fixed_shards=fixed_shards)
+    sampler_train = TrainSampler(len(dataset_train), rank, world_size, seed=config.SEED, fixed_shards=fixed_shards,
+                                 repeats=config.DATA.AUG_REPEATS)
     if len(sampler_train) < config.DATA.BATCH_SIZE:
         raise DataError(
             f"DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} is more than the {len(sampler_train)} training images each of "

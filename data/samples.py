@@ -1,5 +1,5 @@
 """Samples that carry their dataset index and the unreadable files passed over to produce them, augmented with
-randomness that depends only on (seed, epoch, index).
+randomness that depends only on (seed, epoch, index, repeat).
 
 One corrupt file among a million must not end a multi-day run, and whether it may is the run's choice
 (DATA.BAD_IMAGE), made in the main process. So a dataset never raises for an unreadable image: it yields
@@ -7,7 +7,8 @@ the next readable one and names the file it passed over in ``Sample.bad``. That 
 from re-raising a worker's exception as a raw traceback.
 
 Every random draw of a sample's transform (timm's and torchvision's transforms draw from python's ``random``,
-numpy and torch) is seeded from (seed, epoch, index) just before the transform runs. A sample is then the same
+numpy and torch) is seeded from (seed, epoch, index, repeat) just before the transform runs (the repeat number
+tells apart the copies of an image that repeated augmentation trains on in one epoch). A sample is then the same
 whichever loader worker (or the main process) loads it, so a run gives the same weights with 0, 1 or 4 workers
 and a run resumed in the middle of an epoch sees exactly the augmentations of an uninterrupted one.
 """
@@ -27,14 +28,16 @@ from .datasets import DataError, UnreadableImageError
 
 
 class SampleKey(NamedTuple):
-    """What a training sampler asks a SampleDataset for: a dataset index in an epoch.
+    """What a training sampler asks a SampleDataset for: a dataset index in an epoch, and which copy of it.
 
     The epoch travels with each index, from the sampler in the main process, so that the dataset copies held by
-    loader workers (persistent ones included) never need to be told which epoch it is.
+    loader workers (persistent ones included) never need to be told which epoch it is. ``repeat`` numbers the
+    copies of an image in one epoch under repeated augmentation (DATA.AUG_REPEATS), each augmented its own way.
     """
 
     epoch: int
     index: int
+    repeat: int = 0
 
 
 class Sample(NamedTuple):
@@ -61,10 +64,12 @@ def max_consecutive_bad(num_samples: int) -> int:
     return min(num_samples, max(10, num_samples // 100))
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The 64-bit seed of one sample's augmentation in one epoch; SeedSequence mixes the three numbers so that
-    neighbouring indices and epochs get unrelated streams."""
-    high, low = np.random.SeedSequence([seed, epoch, index]).generate_state(2, dtype=np.uint32)
+def sample_seed(seed: int, epoch: int, index: int, repeat: int = 0) -> int:
+    """The 64-bit seed of one sample's augmentation in one epoch; SeedSequence mixes the numbers so that
+    neighbouring indices, epochs and copies get unrelated streams. A first copy (``repeat`` 0) keeps the seed of a
+    run without repeated augmentation."""
+    entropy = [seed, epoch, index, repeat] if repeat else [seed, epoch, index]
+    high, low = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
     return int(high) << 32 | int(low)
 
 
@@ -93,8 +98,8 @@ def seeded_rngs(seed: int) -> Iterator[None]:
 
 
 class SampleDataset(Dataset[Sample]):
-    """A split that yields :class:`Sample`, augments as a pure function of (seed, epoch, index), and passes over
-    unreadable images instead of raising.
+    """A split that yields :class:`Sample`, augments as a pure function of (seed, epoch, index, repeat), and passes
+    over unreadable images instead of raising.
 
     ``base[i]`` returns (transformed image, target) and raises UnreadableImageError when the file of sample
     ``i`` cannot be read or decoded (see ``open_image`` and ``decode_rgb``). Only that error is caught, so a
@@ -102,7 +107,8 @@ class SampleDataset(Dataset[Sample]):
 
     Args:
         base: an ImageFolder, ZipImageFolder or CIFAR dataset with its transform.
-        seed: the run's seed (config.SEED); with the epoch and the index it seeds each sample's transform.
+        seed: the run's seed (config.SEED); with the epoch, the index and the repeat number it seeds each sample's
+            transform.
 
     Raises:
         DataError: ``max_consecutive_bad(len(base))`` files in a row are unreadable.
@@ -122,10 +128,10 @@ class SampleDataset(Dataset[Sample]):
 
     def __getitem__(self, key: int | SampleKey) -> Sample:
         """The sample of a dataset index (validation; epoch 0) or of a :class:`SampleKey` (training)."""
-        epoch, index = key if isinstance(key, tuple) else (0, operator.index(key))
+        epoch, index, repeat = SampleKey(*key) if isinstance(key, tuple) else SampleKey(0, operator.index(key))
         if not 0 <= index < len(self.base):  # the wrap-around below would hide a sampler's bad index
             raise IndexError(f"sample {index} is outside a dataset of {len(self.base)}")
-        seed = sample_seed(self.seed, epoch, index)
+        seed = sample_seed(self.seed, epoch, index, repeat)
         bad: list[str] = []
         for offset in range(self.max_bad):
             try:

@@ -23,6 +23,7 @@ from torch import nn
 from config import default_config, load_config
 from data import DeviceLoader, build_loader
 from data.device import build_erasing
+from distill import DistillationLoss
 from distributed import DistEnv
 from engine import OptimizationState, StepSettings, compile_model, train_one_epoch
 from lr_scheduler import build_scheduler, effective_learning_rates
@@ -153,7 +154,7 @@ def fp16_state(model: nn.Module, init_scale: float) -> OptimizationState:
         optimizer=optimizer,
         scheduler=build_scheduler(config, optimizer, 10, effective_learning_rates(config, 1)),
         scaler=torch.amp.GradScaler("cuda", init_scale=init_scale),
-        criterion=nn.CrossEntropyLoss(),
+        criterion=DistillationLoss(nn.CrossEntropyLoss()),
     )
 
 

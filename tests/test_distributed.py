@@ -17,6 +17,7 @@ from torch import nn
 from agreement import NonFiniteLossError
 from checkpoint import load_checkpoint_file
 from data import Sample
+from distill import DistillationLoss
 from distributed import DistEnv
 from engine import OptimizationState, StepSettings, train_one_epoch, validate
 
@@ -32,7 +33,8 @@ def make_state(model: nn.Module) -> OptimizationState:
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
     return OptimizationState(model=model, optimizer=optimizer,
                       scheduler=CosineLRScheduler(optimizer, t_initial=10, t_in_epochs=False),
-                      scaler=torch.amp.GradScaler("cpu", enabled=False), criterion=nn.CrossEntropyLoss())
+                      scaler=torch.amp.GradScaler("cpu", enabled=False),
+                      criterion=DistillationLoss(nn.CrossEntropyLoss()))
 
 
 def problem() -> tuple[nn.Module, list, list]:

@@ -14,6 +14,7 @@ from torch import nn
 
 from agreement import Interruptions, NonFiniteLossError
 from data import DataError, Sample, UnreadableImages
+from distill import DistillationLoss
 from distributed import DistEnv
 from engine import OptimizationState, StepSettings, throughput, train_one_epoch, validate
 from models import StripMLPNet
@@ -42,7 +43,7 @@ def make_state(model: nn.Module, optimizer_cls=torch.optim.AdamW, fp16: bool = F
         optimizer=optimizer,
         scheduler=CosineLRScheduler(optimizer, t_initial=100, t_in_epochs=False),
         scaler=torch.amp.GradScaler("cpu", enabled=fp16),
-        criterion=nn.CrossEntropyLoss(),
+        criterion=DistillationLoss(nn.CrossEntropyLoss()),
         ema=ModelEmaV3(model, decay=0.5) if ema else None,
     )
 

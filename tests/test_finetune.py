@@ -16,6 +16,7 @@ from yacs.config import CfgNode
 import main
 from checkpoint import load_checkpoint_file
 from config import CHOICES, FREEZE_MODES, ConfigError, default_config, load_config
+from distill import DistillationLoss
 from distributed import DistEnv
 from engine import OptimizationState, StepSettings, average_bn_statistics, train_one_epoch
 from finetune import freeze, frozen_norms, layer_groups, layer_scales
@@ -125,7 +126,8 @@ def test_an_epoch_logs_the_unscaled_rate() -> None:
     lrs = effective_learning_rates(config, 1)
     optimizer = build_optimizer(config, model, lrs.base)
     state = OptimizationState(model=model, optimizer=optimizer, scheduler=build_scheduler(config, optimizer, 2, lrs),
-                       scaler=torch.amp.GradScaler("cpu", enabled=False), criterion=torch.nn.CrossEntropyLoss())
+                       scaler=torch.amp.GradScaler("cpu", enabled=False),
+                       criterion=DistillationLoss(torch.nn.CrossEntropyLoss()))
     settings = StepSettings(env=CPU, amp_enabled=False, amp_dtype=torch.bfloat16, channels_last=False,
                             accumulation_steps=1, clip_grad=0.0, print_freq=1, epochs=4)
     batches = [sample_batch(torch.randn(4, 3, 32, 32), torch.randint(0, 3, (4,))) for _ in range(2)]

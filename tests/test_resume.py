@@ -115,6 +115,7 @@ def test_an_unchanged_config_logs_no_change(caplog) -> None:
 
 @pytest.mark.parametrize(("change", "step"), [
     ((), 3), (("DATA.BATCH_SIZE", 32), 0), (("TRAIN.ACCUMULATION_STEPS", 2), 0), (("TRAIN.ACCUMULATION_STEPS", 1), 3),
+    (("DATA.AUG_REPEATS", 3), 0),
 ])
 def test_a_checkpoint_inside_an_epoch_continues_there_only_with_the_same_steps(change: tuple, step: int,
                                                                                 caplog) -> None:
