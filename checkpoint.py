@@ -28,12 +28,14 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import yaml
+from safetensors import SafetensorError
 from torch import nn
 from yacs.config import CfgNode
 
 from config import upgrade_saved
 from distributed import DistEnv, gather_to_rank0, on_rank0
 from models import checkpoint_filter_fn, clean_state_dict
+from models.published import WEIGHTS_FILE, load_weights
 from optimizer import is_decayed
 from utils import RunError, rng_state, set_rng_state, unwrap_model
 
@@ -116,7 +118,8 @@ def _pickled_globals(path: Path) -> list[str] | None:
 
 
 def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint on the CPU, accepting only tensors, plain containers and the release's config.
+    """Load a checkpoint on the CPU, accepting only tensors, plain containers and the release's config; a
+    ``.safetensors`` file (published weights) is read as its tensors.
 
     Raises:
         CheckpointError: the file is missing, a folder, truncated or corrupt, or holds other objects (nothing in it
@@ -125,11 +128,18 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         found = sorted(p.name for p in path.glob("*.pth"))
-        pick = LATEST_NAME if LATEST_NAME in found else (found[-1] if found else None)
+        pick = (WEIGHTS_FILE if (path / WEIGHTS_FILE).is_file() else
+                LATEST_NAME if LATEST_NAME in found else (found[-1] if found else None))
         hint = f"e.g. {path / pick}" if pick else "it holds no .pth files"
         raise CheckpointError(f"checkpoint {path} is a folder; give a checkpoint file to --resume/--pretrained, {hint}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; check the path given to --resume/--pretrained")
+    if path.suffix == ".safetensors":  # published weights (tools/publish.py): tensors only, no pickle to check
+        try:
+            return load_weights(path)
+        except SafetensorError as e:
+            raise CheckpointError(f"cannot read {path}: not a whole safetensors file ({e}); publish it again or "
+                                  "point to another file") from None
     try:
         with torch.serialization.safe_globals(RELEASE_GLOBALS):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)

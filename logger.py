@@ -98,6 +98,25 @@ class ProgressLine:
             self.stream.flush()
 
 
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``metrics.jsonl`` file in the order written ([] when there is none); a line cut short by a kill
+    is dropped."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("epoch"), int):
+            rows.append(row)
+    return rows
+
+
 class MetricsLog:
     """One JSON row per epoch in ``metrics.jsonl``, mirrored to TensorBoard when it is installed.
 
@@ -105,7 +124,7 @@ class MetricsLog:
     """
 
     def __init__(self, output_dir: Path, enabled: bool) -> None:
-        self.path = output_dir / "metrics.jsonl"
+        self.path = output_dir / METRICS_FILE
         self.enabled = enabled
         self.tensorboard = None
         if enabled:
@@ -125,27 +144,13 @@ class MetricsLog:
         each epoch. Rows past ``last_epoch`` (a rewound run, or an epoch whose checkpoint was never written) go.
         """
         if rows is None:
-            by_epoch = {row["epoch"]: row for row in self._read()}
+            by_epoch = {row["epoch"]: row for row in (read_metrics(self.path) if self.enabled else [])}
             rows = [by_epoch[epoch] for epoch in sorted(by_epoch)]
         rows = [row for row in rows if row["epoch"] <= last_epoch]
         if self.enabled and (rows or self.path.exists()):
             tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
             tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
             os.replace(tmp, self.path)
-        return rows
-
-    def _read(self) -> list[dict[str, Any]]:
-        """The file's rows; a line cut short by a kill is dropped."""
-        if not (self.enabled and self.path.exists()):
-            return []
-        rows = []
-        for line in self.path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict) and isinstance(row.get("epoch"), int):
-                rows.append(row)
         return rows
 
     def write(self, row: dict[str, Any]) -> None:

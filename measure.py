@@ -1,7 +1,9 @@
-"""Measuring speed and memory on any device: synchronised timings, images per second and peak memory.
+"""Measuring speed, memory and work on any device: synchronised timings, images per second, peak memory and
+multiply-accumulates.
 
 ``engine.throughput`` (``main.py --throughput``) and ``tools/benchmark.py`` time models with these, so their
-numbers compare; the training log's memory figure is ``peak_memory_mb``.
+numbers compare; the training log's memory figure is ``peak_memory_mb``; ``tools/benchmark.py`` and
+``tools/publish.py`` count MACs with ``count_macs``.
 """
 
 import resource
@@ -11,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 
 def synchronize(device: torch.device) -> None:
@@ -57,3 +61,11 @@ def images_per_second(batch_size: int, seconds: list[float]) -> dict[str, float]
     """Median, min and max images/s over timed runs of one batch each."""
     rates = [batch_size / s for s in seconds]
     return {"median": statistics.median(rates), "min": min(rates), "max": max(rates)}
+
+
+def count_macs(model: nn.Module, images: torch.Tensor) -> float:
+    """Multiply-accumulates per image of ``model``'s forward pass in eval mode on ``images`` (torch's FLOP count,
+    halved)."""
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.eval()(images)
+    return counter.get_total_flops() / 2 / images.shape[0]

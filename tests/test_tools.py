@@ -36,6 +36,7 @@ BAD_INPUT = {
     "plot_log": (["{missing}"], "not found"),
     "predict": (["--checkpoint", "{missing}", "{file}"], "does not exist"),
     "prepare_imagenet": (["--val", "{missing}", "--labels", "{file}"], "is not a folder"),
+    "publish": (["--checkpoint", "{missing}", "--output", "{tmp}/published"], "does not exist"),
     "resize_eval": (["--checkpoint", "{missing}", "--sizes", "64"], "does not exist"),
     "split_caltech101": (["--src", "{missing}", "--dst", "{tmp}/split"], "is not a folder"),
 }

@@ -37,10 +37,9 @@ from unittest import mock
 
 import torch
 from cli import ROOT, run_tool  # puts the checkout on the path for the imports below
-from torch.utils.flop_counter import FlopCounterMode
 
 from engine import compile_model
-from measure import images_per_second, peak_memory_mb, time_paired
+from measure import count_macs, images_per_second, peak_memory_mb, time_paired
 from utils import RunError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -116,12 +115,9 @@ def build(module: ModuleType, setting: Setting) -> torch.nn.Module:
     return model.to(setting.device, memory_format=memory_format)
 
 
-def count_macs(model: torch.nn.Module, setting: Setting) -> float:
+def giga_macs(model: torch.nn.Module, setting: Setting) -> float:
     """Multiply-accumulates of one image's forward pass, in G (FLOPs counted by torch, halved)."""
-    image = torch.randn(1, 3, setting.img_size, setting.img_size, device=setting.device)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model.eval()(image)
-    return counter.get_total_flops() / 2 / 1e9
+    return count_macs(model, torch.randn(1, 3, setting.img_size, setting.img_size, device=setting.device)) / 1e9
 
 
 class Step:
@@ -200,7 +196,7 @@ def benchmark(chosen: list[Implementation], modes: list[str], warmup: int, repea
     models = [build(load_implementation(impl.revision), impl.setting) for impl in chosen]
     rows = [{"implementation": impl.label, **asdict(impl.setting),
              "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-             "gmacs": count_macs(model, impl.setting)} for impl, model in zip(chosen, models, strict=True)]
+             "gmacs": giga_macs(model, impl.setting)} for impl, model in zip(chosen, models, strict=True)]
     device = torch.device(chosen[0].setting.device)
     for mode in modes:
         train = mode == "train"
