@@ -39,7 +39,7 @@ from timm.models import get_pretrained_cfg
 from yacs.config import CfgNode
 
 from checkpoint import fit_state_dict, load_checkpoint_file
-from data.transforms import EVAL_CROP_PCT, SMALL_IMAGE_SIDE
+from data.transforms import SMALL_IMAGE_SIDE
 from logger import METRICS_FILE, read_metrics
 from measure import count_macs
 from models import VARIANTS, StripMLPNet, build_model
@@ -98,7 +98,8 @@ def model_arguments(config: CfgNode) -> dict[str, Any]:
 
 def eval_crop_pct(config: CfgNode) -> float:
     """The share of the resized image that evaluation keeps, as data.transforms.build_transform evaluates."""
-    return EVAL_CROP_PCT if config.TEST.CROP and max(image_size(config.DATA.IMG_SIZE)) > SMALL_IMAGE_SIDE else 1.0
+    cropped = config.TEST.CROP and max(image_size(config.DATA.IMG_SIZE)) > SMALL_IMAGE_SIDE
+    return config.TEST.CROP_PCT if cropped else 1.0
 
 
 def hub_config(config: CfgNode, model: StripMLPNet, classes: Sequence[str] | None) -> dict[str, Any]:
