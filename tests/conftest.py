@@ -1,5 +1,6 @@
 """Shared fixtures: the release's golden outputs, and small datasets generated on disk (nothing is downloaded)."""
 
+import os
 import pickle
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +13,12 @@ from PIL import Image
 from run_helpers import run_dir, write_config, write_image_folder
 
 from models import StripMLPNet
+
+# One compute thread, as the tests' subprocesses have (run_helpers.launch), unless OMP_NUM_THREADS says otherwise:
+# the tests' models are tiny, and on two cores shared with other jobs a second thread mostly spins waiting for the
+# first (the tiny_run training below took 8 to 20 times as long with two). main.py keeps a count set this way.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 CUDA_SKIP_REASON = "needs a CUDA device"
 
