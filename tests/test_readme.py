@@ -70,3 +70,13 @@ def test_every_file_in_the_code_map_exists():
     assert len(paths) >= 20, "the code-map table was not found in README.md"
     missing = [path for path in paths if not (REPO / path).exists()]
     assert not missing, f"the README's code map names files that do not exist: {missing}"
+
+
+def test_every_module_and_tool_is_in_the_code_map():
+    """A new module gets its line in the code map (package __init__ files aside)."""
+    files = [*REPO.glob("*.py"), *REPO.glob("models/*.py"), *REPO.glob("data/*.py"), *REPO.glob("tools/*.py"),
+             *REPO.glob("tools/*.sh")]
+    listed = set(code_map())
+    unlisted = sorted(str(path.relative_to(REPO)) for path in files
+                      if path.name != "__init__.py" and str(path.relative_to(REPO)) not in listed)
+    assert not unlisted, f"files missing from the README's code map: {unlisted}"
