@@ -47,7 +47,7 @@ def _decode_jpeg(image: EncodedImage) -> torch.Tensor | None:
 
 class DecodingRandomResizedCrop:
     """timm's RandomResizedCropAndInterpolation and torchvision's RandomHorizontalFlip in one step that decodes
-    the image too; 1.7 times as fast as decoding, cropping and flipping as the release did (README, Clusters).
+    the image too; 1.7 times as fast as decoding, cropping and flipping as the release did (docs/performance.md).
 
     The crop is drawn exactly as timm draws it (its ``get_params``, from python's ``random``, on the size the
     header gives), then the flip as torchvision draws it (``torch.rand(1) < p``, only when p > 0), so the

@@ -3,7 +3,7 @@ stand-ins for standard layers, with the activation-checkpointing helper of the b
 
 Each module here computes what its docstring states, with the release's parameter names, so `strip_mlp.py` reads
 as the paper and the release's checkpoints load unchanged. Why each fast path exists is said in one line at it (the
-measurements are in the README's speed section). A fast path measured on the CPU only runs on the CPU; other devices
+measurements are in docs/performance.md). A fast path measured on the CPU only runs on the CPU; other devices
 take the plain computation. Everything that depends on the input size at run time (resampling, caches) sits in
 modules that torch.fx keeps whole (`register_notrace_module`), and the hand-written autograd functions sit behind
 functions it keeps whole, and behind `torch.jit.is_scripting()` for TorchScript, which cannot compile them.

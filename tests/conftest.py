@@ -1,5 +1,6 @@
 """Shared fixtures: the release's golden outputs, and small datasets generated on disk (nothing is downloaded)."""
 
+import os
 import pickle
 from collections.abc import Callable
 from pathlib import Path
@@ -13,11 +14,24 @@ from run_helpers import run_dir, write_config, write_image_folder
 
 from models import StripMLPNet
 
+# One compute thread, as the tests' subprocesses have (run_helpers.launch), unless OMP_NUM_THREADS says otherwise:
+# the tests' models are tiny, and on two cores shared with other jobs a second thread mostly spins waiting for the
+# first (the tiny_run training below took 8 to 20 times as long with two). main.py keeps a count set this way.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 CUDA_SKIP_REASON = "needs a CUDA device"
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests marked ``cuda`` skip, all with one reason, where torch sees no CUDA device (CI never has one)."""
+# Every test collected in this session, before `-m` deselects any (tests/test_markers.py reads it).
+COLLECTED = pytest.StashKey[list[pytest.Item]]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Record the collected tests; tests marked ``cuda`` skip, all with one reason, where torch sees no CUDA device
+    (CI never has one)."""
+    config.stash[COLLECTED] = list(items)
     if torch.cuda.is_available():
         return
     for item in items:
@@ -40,8 +54,8 @@ def ieee_float32():
 
 # Copies of shared/spec's golden file (release weights, input, logits, pooled features) and the release's
 # state-dict names, kept with the tests so that they run, and never skip, wherever the repository is.
-GOLDEN_FILE = Path(__file__).resolve().parent / "data" / "golden_strip_mlp_e40.pt"
-RELEASE_NAMES_FILE = Path(__file__).resolve().parent / "data" / "official_state_dict_e40.txt"
+GOLDEN_FILE = Path(__file__).resolve().parent / "golden" / "golden_strip_mlp_e40.pt"
+RELEASE_NAMES_FILE = Path(__file__).resolve().parent / "golden" / "official_state_dict_e40.txt"
 
 
 @pytest.fixture(scope="session")

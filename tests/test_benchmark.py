@@ -25,6 +25,7 @@ def run_benchmark(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
 
 
+@pytest.mark.slow  # both modes, each measured again in a fresh process for its peak memory
 def test_both_modes_with_memory_write_csv_and_json(tmp_path: Path) -> None:
     result = run_benchmark("--csv", str(tmp_path / "rows.csv"), "--json", str(tmp_path / "rows.jsonl"))
     assert result.returncode == 0, result.stderr
@@ -39,7 +40,11 @@ def test_both_modes_with_memory_write_csv_and_json(tmp_path: Path) -> None:
         assert list(csv.DictReader(handle))[0]["train_img_s_median"] == str(row["train_img_s_median"])
 
 
-@pytest.mark.parametrize("options", [["--dtype", "bf16"], ["--dtype", "fp16", "--mode", "train"], ["--channels-last"]])
+@pytest.mark.parametrize("options", [
+    ["--dtype", "bf16"],  # the fast subset's run of the tool end to end
+    pytest.param(["--dtype", "fp16", "--mode", "train"], marks=pytest.mark.slow),
+    pytest.param(["--channels-last"], marks=pytest.mark.slow),
+])
 def test_precision_and_memory_format_options(options: list[str], tmp_path: Path) -> None:
     result = run_benchmark(*options, "--mode", "eval", "--no-memory", "--json", str(tmp_path / "rows.jsonl"))
     assert result.returncode == 0, result.stderr
@@ -49,6 +54,7 @@ def test_precision_and_memory_format_options(options: list[str], tmp_path: Path)
     assert row["channels_last"] == ("--channels-last" in options)
 
 
+@pytest.mark.slow  # test_a_baseline_folder_stands_in_for_the_git_history pairs the implementations in-process
 def test_paired_baseline_revision_is_timed_beside_the_current_model(tmp_path: Path) -> None:
     result = run_benchmark("--baseline", "HEAD", "--mode", "eval", "--no-memory", "--json", str(tmp_path / "r.jsonl"))
     assert result.returncode == 0, result.stderr

@@ -175,6 +175,7 @@ WAITING_MAIN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # starts torchrun; test_slurm_template_starts_main_py_in_both_styles checks its command fast
 def test_the_torchrun_style_passes_slurms_sigusr1_on_to_its_processes(tmp_path: Path) -> None:
     """SLURM sends --signal=USR1 to the task srun started, torchrun, which by default dies of it and leaves its
     processes running, never told of the time limit."""

@@ -1,4 +1,4 @@
-"""The README's detection recipe, small: a torchvision Faster R-CNN on a Strip-MLP + FPN backbone of dynamic input
+"""docs/transfer.md's detection recipe, small: a torchvision Faster R-CNN on a Strip-MLP + FPN backbone of dynamic input
 size trains on batches of changing size and detects."""
 
 from collections import OrderedDict
@@ -29,11 +29,25 @@ class StripMLPFPN(nn.Module):
         return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(self.body(x))))
 
 
+def tiny_body() -> nn.Module:
+    """Stage outputs of a small model built for 64 x 64 that takes any size (multiples of 32)."""
+    return timm.create_model("strip_mlp_tiny_light", features_only=True, img_size=64, dynamic_img_size=True,
+                             embed_dim=16, layers=(1, 1, 1, 1), drop_path_rate=0.0)
+
+
+def test_the_pyramid_has_a_map_per_stride_for_a_batch_of_another_size() -> None:
+    """What a torchvision detector takes from its backbone, for a padded batch other than the built 64 x 64."""
+    backbone = StripMLPFPN(tiny_body(), out_channels=32)
+    with torch.no_grad():
+        maps = backbone(torch.rand(2, 3, 128, 192))
+    assert list(maps) == ["0", "1", "2", "3", "pool"]
+    assert [tuple(m.shape) for m in maps.values()] == [(2, 32, 128 // s, 192 // s) for s in (4, 8, 16, 32, 64)]
+
+
 @pytest.mark.slow  # about 15 s of CPU time
 def test_faster_rcnn_trains_on_batches_of_changing_size_and_detects() -> None:
     torch.manual_seed(0)
-    body = timm.create_model("strip_mlp_tiny_light", features_only=True, img_size=64, dynamic_img_size=True,
-                             embed_dim=16, layers=(1, 1, 1, 1), drop_path_rate=0.0)
+    body = tiny_body()
     anchors = AnchorGenerator(sizes=((8,), (16,), (32,), (64,), (128,)), aspect_ratios=((0.5, 1.0, 2.0),) * 5)
     detector = FasterRCNN(StripMLPFPN(body, out_channels=32), num_classes=3, min_size=64, max_size=128,
                           rpn_anchor_generator=anchors, rpn_batch_size_per_image=32, box_batch_size_per_image=32,

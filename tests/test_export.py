@@ -29,7 +29,11 @@ def run_file(fmt: str, path: Path, images: torch.Tensor) -> torch.Tensor:
     return module(images)
 
 
-@pytest.mark.parametrize("fmt, suffix", [("onnx", ".onnx"), ("torchscript", ".ts"), ("exported", ".pt2")])
+@pytest.mark.parametrize("fmt, suffix", [
+    pytest.param("onnx", ".onnx", marks=pytest.mark.slow),  # the fixed-batch test below exports ONNX fast
+    ("torchscript", ".ts"),
+    ("exported", ".pt2"),
+])
 def test_each_format_runs_like_the_model_at_any_batch_size(tiny_run: TinyRun, tmp_path: Path, fmt: str, suffix: str,
                                                          capsys) -> None:
     output = tmp_path / f"model{suffix}"

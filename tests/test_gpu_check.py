@@ -53,7 +53,7 @@ def test_without_cuda_it_stops_with_one_line(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         f"error: no CUDA device is visible to torch {torch.__version__}; this check needs one: run it on a GPU "
-        "machine (README, GPU)"]
+        "machine (docs/testing.md, The GPU check)"]
     assert result.stdout == "" and not report.exists()
 
 

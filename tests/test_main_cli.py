@@ -416,6 +416,7 @@ def test_options_run_together(images: Path, tmp_path: Path, capsys) -> None:
     assert load_checkpoint_file(run_dir(tmp_path / "out") / "latest.pth")["model_ema"] is not None
 
 
+@pytest.mark.slow  # its parts are checked fast in test_config, test_data, test_checkpoint and test_erf
 def test_a_non_square_input_trains_evaluates_and_deploys(images: Path, tmp_path: Path, capsys) -> None:
     """DATA.IMG_SIZE [64, 96] end to end: one epoch of training, the size saved and read back, evaluation, prediction
     and export. Needs StripMLPNet(img_size=(H, W))."""
@@ -488,6 +489,7 @@ def release_training_file(golden_setup) -> Path:
     return path
 
 
+@pytest.mark.slow  # tests/test_resume.py restores the release's checkpoints in-process
 def test_release_training_checkpoint_evaluates_fine_tunes_and_resumes(golden_setup, release_training_file: Path,
                                                                        capsys) -> None:
     config_path, _, _ = golden_setup
@@ -507,6 +509,7 @@ def test_release_training_checkpoint_evaluates_fine_tunes_and_resumes(golden_set
     assert "training epochs 10..10" in captured.out
 
 
+@pytest.mark.slow  # tests/test_resume.py checks the same schedule rule in-process
 def test_resume_with_more_epochs_and_a_lower_rate_follows_the_new_schedule(trained: Path, images: Path,
                                                                           tmp_path: Path, capsys) -> None:
     """What the NaN message suggests: resume with a lower TRAIN.BASE_LR (and more epochs). The final rate and
@@ -523,6 +526,7 @@ def test_resume_with_more_epochs_and_a_lower_rate_follows_the_new_schedule(train
     assert [(g["lr"], g["weight_decay"]) for g in a] == [(g["lr"], g["weight_decay"]) for g in b]
 
 
+@pytest.mark.slow  # tests/test_resume.py checks every change of precision in-process
 def test_resume_may_switch_to_float16(trained: Path, images: Path, tmp_path: Path) -> None:
     config = write_config(tmp_path / "config.yaml", images, tmp_path / "out", {"TRAIN": {"EPOCHS": 3}})
     assert main.main(["--cfg", str(config), "--resume", str(trained / "latest.pth"), "--amp", "--amp-dtype",

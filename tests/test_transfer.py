@@ -211,7 +211,7 @@ def test_timm_loads_a_checkpoint_file_at_another_size(tmp_path: Path) -> None:
 
 
 def test_a_detection_backbone_from_a_classification_checkpoint_of_another_size(tmp_path: Path) -> None:
-    """The README's recipe, small: a 1000-class checkpoint file into a features_only backbone of another size."""
+    """docs/transfer.md's recipe, small: a 1000-class checkpoint file into a features_only backbone of another size."""
     source = timm.create_model("strip_mlp_tiny", img_size=64, **SMALL)
     torch.save({"model": source.state_dict()}, tmp_path / "weights.pth")
     overlay = {"file": str(tmp_path / "weights.pth")}
@@ -304,7 +304,7 @@ def test_a_trained_model_resampled_tracks_its_logits_on_upsampled_images(tmp_pat
     images against those of its resampling to 96 px on the same images upsampled 1.5x. Measured: the resampled
     model's top-1 agrees on 60% of the images (the re-initialised alternative's on 49%), mean cosine similarity of
     the logits 0.67 (0.54). The rest of the network (stem, depthwise and strided convolutions) sees digits 1.5x as
-    large as in training, so agreement is far from total; the README's table shows what the full demo model keeps."""
+    large as in training, so agreement is far from total; docs/transfer.md's table shows what the demo model keeps."""
     config = REPO / "configs" / "demo" / "strip_mlp_demo.yaml"
     assert main.main(["--cfg", str(config), "--output", str(tmp_path), "--tag", "run", "--opts", "DATA.DATA_PATH",
                       str(tmp_path / "digits"), "DATA.IMG_SIZE", "64", "TRAIN.EPOCHS", "3",

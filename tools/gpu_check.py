@@ -14,7 +14,7 @@ six minutes on one H100) is skipped and reported as such; ``--skip``/``--only`` 
 
 A GPU machine may have neither the git history nor a package index: ``--prepare`` exports the baseline's
 ``models/`` package to ``.baseline/<rev>`` and downloads the wheels of the packages the GPU image lacks to
-``.whl``; both are carried there (see the README's GPU section). Without a CUDA device the check stops, after
+``.whl``; both are carried there (see docs/testing.md, "The GPU check"). Without a CUDA device the check stops, after
 its other preparations, with one line and exit status 1.
 """
 
@@ -420,7 +420,7 @@ def check_ready(baseline_folder: Path, needs_baseline: bool) -> None:
     missing = [name for name in ("yacs", "termcolor", "timm", "torchvision") if importlib.util.find_spec(name) is None]
     if missing:
         raise CheckError(f"missing Python packages {', '.join(missing)}: install the carried wheels first "
-                         "(README, GPU: pip install --no-index --target /tmp/site .whl/*.whl)")
+                         "(docs/testing.md, The GPU check: pip install --no-index --target /tmp/site .whl/*.whl)")
     if needs_baseline and not benchmark.is_model_folder(str(baseline_folder)):
         if shutil.which("git") is None or not (ROOT / ".git").exists():
             raise CheckError(f"{baseline_folder} holds no models/ package and there is no git history here to export "
@@ -430,7 +430,7 @@ def check_ready(baseline_folder: Path, needs_baseline: bool) -> None:
 
     if not torch.cuda.is_available():
         raise CheckError(f"no CUDA device is visible to torch {torch.__version__}; this check needs one: run it on "
-                         "a GPU machine (README, GPU)")
+                         "a GPU machine (docs/testing.md, The GPU check)")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -20,7 +20,7 @@
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=8          # LAUNCH=srun: one task per GPU; LAUNCH=torchrun: set it to 1
 #SBATCH --gpus-per-node=8
-#SBATCH --cpus-per-task=10           # LAUNCH=srun: the loader workers of one GPU (see the README's Clusters)
+#SBATCH --cpus-per-task=10           # LAUNCH=srun: the loader workers of one GPU (see docs/clusters.md)
 #SBATCH --time=48:00:00
 #SBATCH --signal=USR1@180
 #SBATCH --requeue
