@@ -11,9 +11,9 @@ disk, read as weights only and checked name by name against the model. ``checkpo
 ``tools/publish.py`` wrote: its ``config.json`` gives the architecture's arguments (keywords given here override
 them; another input size is resampled) and ``model.safetensors`` the weights.
 
-Building a network, and loading a published folder or ``.safetensors`` file, needs only torch, timm, safetensors and
-``models``; reading a pickled checkpoint uses the training code's loader, which also needs the rest of
-requirements.txt (PyYAML, yacs, ...).
+Building a network needs only torch, timm and ``models``; loading a published folder or ``.safetensors`` file also
+safetensors, and reading a pickled checkpoint the training code's loader, which needs the rest of requirements.txt
+(PyYAML, yacs, ...).
 """
 
 import os
@@ -23,7 +23,7 @@ from torch import nn
 import models as _models  # registers the variants with timm
 from models import published as _published
 
-dependencies = ["torch", "timm", "safetensors"]
+dependencies = ["torch", "timm"]
 
 
 def _weights(checkpoint: str, model: nn.Module) -> dict:

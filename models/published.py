@@ -9,7 +9,6 @@ alone.
 import json
 from pathlib import Path
 
-import safetensors.torch
 import torch
 
 WEIGHTS_FILE = "model.safetensors"  # the name timm's local-dir loader looks for first
@@ -24,6 +23,8 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
         safetensors.SafetensorError: the file is not a whole safetensors file.
         OSError: it cannot be read.
     """
+    import safetensors.torch  # here, so that building a network (hubconf.py) never needs it
+
     return safetensors.torch.load_file(str(path), device="cpu")
 
 

@@ -115,12 +115,12 @@ def test_models_import_neither_config_nor_yacs() -> None:
     assert not imported & {"config", "yacs", "termcolor", "data", "engine", "checkpoint"}
 
 
-def test_hubconf_builds_a_network_without_yacs_or_termcolor() -> None:
+def test_hubconf_builds_a_network_without_yacs_termcolor_or_safetensors() -> None:
     """torch.hub loads hubconf.py with torch, timm and the models package alone (None in sys.modules makes an
     import fail as if the package were not installed)."""
     code = f"""
 import sys
-sys.modules["yacs"] = sys.modules["termcolor"] = None
+sys.modules["yacs"] = sys.modules["termcolor"] = sys.modules["safetensors"] = None
 import torch
 model = torch.hub.load({str(REPO)!r}, "strip_mlp_tiny_light", source="local", num_classes=3, img_size=32)
 assert model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 3)
