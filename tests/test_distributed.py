@@ -63,6 +63,7 @@ def ddp_worker(rank: int, world_size: int, init_file: str, result_file: str) -> 
     val_stats = validate(state.model, [shard(batch, rank) for batch in val], step_settings(env), LOGGER)
     if rank == 0:
         torch.save({"model": model.state_dict(), "train": train_stats, "val": val_stats}, result_file)
+    del state  # DDP's reducer before its group: freed after it, torch's gloo teardown can deadlock on the GIL
     dist.destroy_process_group()
 
 
@@ -103,6 +104,7 @@ def nan_worker(rank: int, world_size: int, init_file: str, result_file: str) -> 
     except RuntimeError as e:  # a collective that timed out waiting for the failed rank
         outcome = f"{type(e).__name__}: {e}"
     torch.save({"outcome": outcome, "global_step": state.global_step}, f"{result_file}.{rank}")
+    del state  # DDP's reducer before its group (see ddp_worker)
     dist.destroy_process_group()
 
 
