@@ -82,7 +82,7 @@ class StripProjection(nn.Conv2d):
         # (N, H, W, P, G) -> (N, P, A, G, L) for A strips of L tokens, and back. The tokens are permuted straight from
         # their (N, H, W, C) view, never through a transposed copy, so that the gradient comes back channels-last.
         self.to_strips = [0, 3, 2, 4, 1] if self.along_columns else [0, 3, 1, 4, 2]
-        self.from_strips = [0, 4, 2, 1, 3] if self.along_columns else [0, 2, 4, 1, 3]
+        self.from_strips = [self.to_strips.index(dim) for dim in range(5)]  # its inverse
         self.resampled_cache = ResampledCache()
 
     def forward(self, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
